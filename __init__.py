@@ -1,0 +1,17 @@
+"""RewardTune: reward fine-tuning (ReFL, ImageReFL, SQDF) and combined generation for ComfyUI.
+
+ComfyUI loads this package from custom_nodes/ and calls ``comfy_entrypoint`` (V3 node API). The
+node modules import ComfyUI, so they are imported only then: the library packages (``sampling``,
+``testing`` …) can be imported by tests and scripts before ComfyUI's arguments are set.
+"""
+
+WEB_DIRECTORY = "./web"
+
+
+async def comfy_entrypoint():
+    from .nodes import RewardTuneExtension
+
+    return RewardTuneExtension()
+
+
+__all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -1,0 +1,1 @@
+"""Sampling algorithms: combined generation (base → tuned handoff) and the AIG blend baseline."""

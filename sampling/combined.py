@@ -1,0 +1,430 @@
+"""Combined generation (ImageReFL §3) as one continuous ComfyUI sampling pass.
+
+The base model denoises the first ``k`` of ``N`` steps and the reward-tuned model the remaining
+``N - k`` ("switch" mode), or the two predictions are blended every step with
+``γ_i = 1 - (i / N) ** p`` on the base model ("blend" mode, the paper's "ReFL AIG" baseline).
+
+Everything runs inside one sampler call through a :class:`comfy.samplers.CFGGuider` subclass, so
+the sampler's SDE noise and multistep history stay continuous across the switch: with base ==
+tuned the result is exactly one KSampler run, whatever the sampler.
+
+Two ways the tuned model can arrive:
+
+* a separately loaded model (another checkpoint): it is loaded next to the base model and each
+  call is sent to whichever model owns it;
+* a clone of the base that only adds weight patches (base + LoRA): both share the same torch
+  modules, so holding two patchers would silently run the base weights for every call. The
+  patches that differ are turned into ComfyUI weight hooks attached only to the conditioning of
+  the stage that needs them; ComfyUI then swaps weights per hook group (cached, so once per
+  switch, not once per call).
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+import comfy.hooks
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+
+SWITCH_MODES = ("switch", "blend")
+# "continuous": one sampler pass over the whole schedule (SDE noise and multistep history carry
+# across the switch). "restart": two passes, exactly like two chained KSamplerAdvanced nodes
+# (the second pass restarts multistep history and re-seeds SDE noise at the switch).
+HANDOFFS = ("continuous", "restart")
+
+# k-diffusion samplers whose step i evaluates the model a second time at exactly sigmas[i + 1]
+# (the end of the step's own interval). That evaluation belongs to step i, so at the switch it
+# must still go to the base model, although the next step's first evaluation, at the very same
+# sigma, goes to the tuned one. Everything else is routed by sigma alone.
+END_OF_STEP_EVAL_SAMPLERS = frozenset({
+    "sample_heun", "sample_heunpp2", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde",
+})
+
+
+class CombinedSamplingError(ValueError):
+    """Bad input to combined sampling; the message says what to change."""
+
+
+def resolve_switch_step(steps: int, switch_step: int | None = None, switch_fraction: float | None = None) -> int:
+    """The index k of the first step run by the tuned model, from a step index or a fraction.
+
+    ``switch_fraction`` (in [0, 1]) takes precedence when given; it is rounded to the nearest step.
+    """
+    if steps < 1:
+        raise CombinedSamplingError(f"steps must be at least 1 (got {steps}).")
+    if switch_fraction is not None:
+        if not (0.0 <= switch_fraction <= 1.0) or math.isnan(switch_fraction):
+            raise CombinedSamplingError(
+                f"switch fraction must be between 0 and 1 (got {switch_fraction}); 0 runs only the tuned model, 1 only the base.")
+        return int(round(switch_fraction * steps))
+    if switch_step is None:
+        raise CombinedSamplingError("give a switch step or a switch fraction.")
+    if not (0 <= switch_step <= steps):
+        raise CombinedSamplingError(
+            f"switch step must be between 0 and steps={steps} (got {switch_step}); "
+            f"0 runs only the tuned model, {steps} only the base. ImageReFL uses 30 of 40 for SD1.5, 35 of 40 for SDXL.")
+    return int(switch_step)
+
+
+def aig_gamma(step_index: int | float, total_steps: int, power: float) -> float:
+    """Weight of the base prediction in the "ReFL AIG" blend: γ_i = 1 - (i / T) ** p."""
+    if total_steps <= 0:
+        raise CombinedSamplingError("the schedule has no steps")
+    frac = min(max(float(step_index) / float(total_steps), 0.0), 1.0)
+    return 1.0 - frac ** power
+
+
+def _options_equal(a, b) -> bool:
+    """Structural equality of model_options as ComfyUI clones them (dicts/lists copied, leaves shared)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_options_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_options_equal(x, y) for x, y in zip(a, b))
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # tensors and the like
+        return False
+
+
+def _split_patches(base: comfy.model_patcher.ModelPatcher, tuned: comfy.model_patcher.ModelPatcher):
+    """Per weight key: the patches both share (common prefix) and what each adds on top."""
+    common, base_extra, tuned_extra = {}, {}, {}
+    for key in set(base.patches) | set(tuned.patches):
+        pb, pt = base.patches.get(key, []), tuned.patches.get(key, [])
+        n = 0
+        while n < min(len(pb), len(pt)) and pb[n] is pt[n]:
+            n += 1
+        if n:
+            common[key] = list(pb[:n])
+        if pb[n:]:
+            base_extra[key] = list(pb[n:])
+        if pt[n:]:
+            tuned_extra[key] = list(pt[n:])
+    return common, base_extra, tuned_extra
+
+
+class PatchListHook(comfy.hooks.WeightHook):
+    """A weight hook carrying ModelPatcher patch entries verbatim (strengths, offsets, functions)."""
+
+    def __init__(self, patches: dict | None = None):
+        super().__init__()
+        self.patch_lists = patches or {}
+        self.need_weight_init = False
+
+    def add_hook_patches(self, model, model_options, target_dict, registered):
+        if not self.should_register(model, model_options, target_dict, registered):
+            return False
+        with model.use_ejected():
+            current = model.hook_patches.get(self.hook_ref, {})
+            for key, entries in self.patch_lists.items():
+                current.setdefault(key, []).extend(entries)
+            model.hook_patches[self.hook_ref] = current
+            model.patches_uuid = uuid.uuid4()
+        registered.add(self)
+        return True
+
+    def clone(self):
+        c = super().clone()
+        c.patch_lists = self.patch_lists
+        return c
+
+
+def _hook_group(patches: dict) -> comfy.hooks.HookGroup | None:
+    if not patches:
+        return None
+    group = comfy.hooks.HookGroup()
+    group.add(PatchListHook(patches))
+    return group
+
+
+def _class_names(obj) -> list[str]:
+    # comfy builds model_sampling classes per model (type(...) differs even when identical): compare by MRO names
+    return [c.__name__ for c in type(obj).__mro__]
+
+
+def _check_compatible(base, tuned):
+    bm, tm = base.model, tuned.model
+    if type(bm) is not type(tm) or type(bm.latent_format) is not type(tm.latent_format):
+        raise CombinedSamplingError(
+            "base and tuned models must be the same architecture with the same latent format "
+            f"(got {type(bm).__name__}/{type(bm.latent_format).__name__} and "
+            f"{type(tm).__name__}/{type(tm.latent_format).__name__}). Load a tuned model made from the same base.")
+    sb, st = bm.model_sampling, tm.model_sampling
+    if _class_names(sb) != _class_names(st) or not torch.allclose(sb.sigmas.float().cpu(), st.sigmas.float().cpu()):
+        raise CombinedSamplingError(
+            "base and tuned models use different noise schedules (model_sampling); "
+            "patch both the same way (e.g. the same ModelSamplingDiscrete settings) before combining them.")
+
+
+@dataclass
+class _Stage:
+    """How one stage's calls are made: which inner model, which cond keys, which CFG scale."""
+    patcher: comfy.model_patcher.ModelPatcher | None  # None: the guider's own model (shared weights)
+    positive: str
+    negative: str
+    cfg: float
+
+
+class CombinedGuider(comfy.samplers.CFGGuider):
+    """A CFG guider that routes each denoising call to the base or the tuned model.
+
+    mode "switch": calls for steps [0, k) go to base, [k, N) to tuned (k = ``switch_step``, resolved
+    against the sigmas the sampler runs; a negative ``switch_step`` with ``switch_fraction`` set uses
+    the fraction). mode "blend": both are evaluated every call and mixed with γ_i = 1 - (i/N)^p.
+    """
+
+    def __init__(self, base, tuned, *, switch_step: int | None = None, switch_fraction: float | None = None,
+                 cfg_base: float = 7.5, cfg_tuned: float = 1.0, mode: str = "switch", blend_power: float = 1.0):
+        if base is None or tuned is None:
+            raise CombinedSamplingError("both a base MODEL and a tuned MODEL are needed.")
+        if mode not in SWITCH_MODES:
+            raise CombinedSamplingError(f"mode must be one of {SWITCH_MODES} (got {mode!r}).")
+        if mode == "blend" and not (blend_power > 0):
+            raise CombinedSamplingError(f"blend power p must be > 0 (got {blend_power}).")
+        _check_compatible(base, tuned)
+        self.base_input, self.tuned_input = base, tuned
+        self.mode, self.blend_power = mode, float(blend_power)
+        self.switch_step, self.switch_fraction = switch_step, switch_fraction
+        self.shared = base.is_clone(tuned)
+        if self.shared:
+            if not (_options_equal(base.object_patches, tuned.object_patches)
+                    and _options_equal(base.weight_wrapper_patches, tuned.weight_wrapper_patches)
+                    and _options_equal(base.model_options, tuned.model_options)):
+                raise CombinedSamplingError(
+                    "the tuned model shares its weights with the base model but differs in more than weight "
+                    "patches (object patches, weight wrappers or model options). Combined sampling can only swap "
+                    "weight patches (e.g. a LoRA) between stages: apply the other patches to both models.")
+            common, base_extra, tuned_extra = _split_patches(base, tuned)
+            guider_model = base.clone()
+            guider_model.patches = common
+            guider_model.patches_uuid = uuid.uuid4()
+            self._base_hooks, self._tuned_hooks = _hook_group(base_extra), _hook_group(tuned_extra)
+            self.same_weights = not base_extra and not tuned_extra
+        else:
+            guider_model = base.clone()
+            guider_model.set_additional_models("rewardtune_combined_tuned", [tuned])
+            self._base_hooks = self._tuned_hooks = None
+            self.same_weights = False
+        super().__init__(guider_model)
+        self.base_stage = _Stage(None, "positive", "negative", float(cfg_base))
+        self.tuned_stage = _Stage(None if self.shared else tuned, "tuned_positive", "tuned_negative", float(cfg_tuned))
+
+    # -- conditioning -------------------------------------------------------------------------
+    def set_conds(self, positive, negative, tuned_positive=None, tuned_negative=None):
+        tuned_positive = positive if tuned_positive is None else tuned_positive
+        tuned_negative = negative if tuned_negative is None else tuned_negative
+        for name, cond in (("positive", positive), ("negative", negative)):
+            if cond is None or len(cond) == 0:
+                raise CombinedSamplingError(f"{name} conditioning is empty; connect a CLIP Text Encode output.")
+        if self._base_hooks is not None:
+            positive = comfy.hooks.set_hooks_for_conditioning(positive, self._base_hooks)
+            negative = comfy.hooks.set_hooks_for_conditioning(negative, self._base_hooks)
+        if self._tuned_hooks is not None:
+            tuned_positive = comfy.hooks.set_hooks_for_conditioning(tuned_positive, self._tuned_hooks)
+            tuned_negative = comfy.hooks.set_hooks_for_conditioning(tuned_negative, self._tuned_hooks)
+        tuned_negative = [[c[0], {**c[1], "prompt_type": "negative"}] for c in tuned_negative]
+        self.inner_set_conds({"positive": positive, "negative": negative,
+                              "tuned_positive": tuned_positive, "tuned_negative": tuned_negative})
+
+    def set_cfg(self, cfg):  # CFGGuider API: one value sets both stages
+        self.base_stage.cfg = self.tuned_stage.cfg = float(cfg)
+        self.cfg = float(cfg)
+
+    # -- routing ------------------------------------------------------------------------------
+    def _start(self, sampler, sigmas):
+        n = int(sigmas.shape[-1]) - 1
+        if self.switch_fraction is not None and (self.switch_step is None or self.switch_step < 0):
+            k = resolve_switch_step(n, switch_fraction=self.switch_fraction)
+        else:
+            k = resolve_switch_step(n, switch_step=self.switch_step)
+        self._n_steps = n
+        self._k = k
+        self._sigmas = sigmas.detach().float().cpu()
+        self._switch_sigma = float(self._sigmas[k]) if k < n else -1.0
+        fn = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
+        self._end_eval = fn in END_OF_STEP_EVAL_SAMPLERS
+        self._calls_at_switch = 0
+        self._last_callback_step = -1
+        self.stage_calls = {"base": 0, "tuned": 0}
+
+    def _sigma_of(self, timestep) -> float:
+        return float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+
+    def _is_close(self, a: float, b: float) -> bool:
+        return abs(a - b) <= 1e-5 * max(1.0, abs(b))
+
+    def _route(self, sigma: float) -> str:
+        k, n = self._k, self._n_steps
+        if k >= n:
+            return "base"
+        if k <= 0:
+            return "tuned"
+        s = self._switch_sigma
+        if self._is_close(sigma, s):
+            self._calls_at_switch += 1
+            # heun-like samplers: the first call at sigmas[k] is step k-1's end evaluation.
+            if self._end_eval and self._calls_at_switch == 1 and self._last_callback_step == k - 1:
+                return "base"
+            return "tuned"
+        return "base" if sigma > s else "tuned"
+
+    def _step_position(self, sigma: float) -> float:
+        """Index i of the schedule position of ``sigma`` (number of schedule sigmas above it)."""
+        above = (self._sigmas[:-1] > sigma * (1 + 1e-6) + 1e-12).sum()
+        return float(above)
+
+    # -- prediction ---------------------------------------------------------------------------
+    def _options_for(self, stage: _Stage, model_options: dict) -> dict:
+        if stage.patcher is None:
+            return model_options
+        # The tuned patcher's own options plus what the sampler added to the run's options
+        # (cfg_pp samplers' post-cfg functions, the schedule), so those samplers keep working.
+        opts = comfy.model_patcher.create_model_options_clone(stage.patcher.model_options)
+        base_opts = self.model_patcher.model_options
+        for key in ("sampler_pre_cfg_function", "sampler_post_cfg_function"):
+            added = model_options.get(key, [])[len(base_opts.get(key, [])):]
+            if added:
+                opts[key] = list(opts.get(key, [])) + list(added)
+        if "disable_cfg1_optimization" in model_options:
+            opts["disable_cfg1_optimization"] = model_options["disable_cfg1_optimization"]
+        t_opts = model_options.get("transformer_options", {})
+        if "sample_sigmas" in t_opts:
+            opts.setdefault("transformer_options", {})["sample_sigmas"] = t_opts["sample_sigmas"]
+        return opts
+
+    def _predict(self, stage: _Stage, x, timestep, model_options, seed):
+        inner = self.inner_model if stage.patcher is None else stage.patcher.model
+        self.stage_calls["base" if stage is self.base_stage else "tuned"] += 1
+        return comfy.samplers.sampling_function(
+            inner, x, timestep, self.conds.get(stage.negative), self.conds.get(stage.positive), stage.cfg,
+            model_options=self._options_for(stage, model_options), seed=seed)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        sigma = self._sigma_of(timestep)
+        if self.mode == "blend":
+            gamma = aig_gamma(self._step_position(sigma), self._n_steps, self.blend_power)
+            if gamma >= 1.0:
+                return self._predict(self.base_stage, x, timestep, model_options, seed)
+            if gamma <= 0.0:
+                return self._predict(self.tuned_stage, x, timestep, model_options, seed)
+            # x0 = x - σ·ε is affine in ε, so blending x0 predictions equals blending ε.
+            out_base = self._predict(self.base_stage, x, timestep, model_options, seed)
+            out_tuned = self._predict(self.tuned_stage, x, timestep, model_options, seed)
+            return gamma * out_base + (1.0 - gamma) * out_tuned
+        stage = self.base_stage if self._route(sigma) == "base" else self.tuned_stage
+        return self._predict(stage, x, timestep, model_options, seed)
+
+    # -- sampling -----------------------------------------------------------------------------
+    def outer_sample(self, *args, **kwargs):
+        tuned = self.tuned_stage.patcher
+        if tuned is None:
+            return super().outer_sample(*args, **kwargs)
+        tuned.pre_run()
+        try:
+            return super().outer_sample(*args, **kwargs)
+        finally:
+            tuned.cleanup()
+
+    def sample(self, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None, disable_pbar=False, seed=None):
+        if latent_image is not None and latent_image.shape[0] == 0:
+            raise CombinedSamplingError("the latent batch is empty; connect an Empty Latent Image with batch size ≥ 1.")
+        if not self.original_conds:
+            raise CombinedSamplingError("no conditioning set on the combined guider.")
+        self._start(sampler, sigmas)
+        user_callback = callback
+
+        def tracking_callback(step, x0, x, total_steps):
+            self._last_callback_step = step
+            if user_callback is not None:
+                return user_callback(step, x0, x, total_steps)
+
+        return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
+                              callback=tracking_callback, disable_pbar=disable_pbar, seed=seed)
+
+
+def ksampler_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float = 1.0) -> torch.Tensor:
+    """The sigmas KSampler itself would use (including its per-sampler adjustments)."""
+    ks = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                 scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    return ks.sigmas
+
+
+def _stage_guider(model, positive, negative, cfg):
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(positive, negative)
+    g.set_cfg(cfg)
+    return g
+
+
+def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int, steps: int, sampler_name: str,
+                    scheduler: str, cfg_base: float, cfg_tuned: float, switch_step: int | None = None,
+                    switch_fraction: float | None = None, denoise: float = 1.0, mode: str = "switch",
+                    blend_power: float = 1.0, handoff: str = "continuous", tuned_positive=None, tuned_negative=None,
+                    callback=None, disable_pbar: bool = True) -> dict:
+    """KSampler semantics (same noise, sigmas and sampler) with the base→tuned handoff.
+
+    Returns a new LATENT dict. ``callback(step, x0, x, total_steps)`` is ComfyUI's preview callback.
+    """
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise CombinedSamplingError(f"unknown sampler {sampler_name!r}; choose one of {comfy.samplers.KSampler.SAMPLERS}.")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise CombinedSamplingError(f"unknown scheduler {scheduler!r}; choose one of {comfy.samplers.KSampler.SCHEDULERS}.")
+    if handoff not in HANDOFFS:
+        raise CombinedSamplingError(f"handoff must be one of {HANDOFFS} (got {handoff!r}).")
+    if handoff == "restart" and mode != "switch":
+        raise CombinedSamplingError("the 'restart' handoff only applies to the 'switch' mode; use 'continuous' for 'blend'.")
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise CombinedSamplingError("latent must be a LATENT (a dict with 'samples').")
+    latent_image = latent["samples"]
+    if latent_image.shape[0] == 0:
+        raise CombinedSamplingError("the latent batch is empty; connect an Empty Latent Image with batch size ≥ 1.")
+    # Validate the switch against the requested step count before any work.
+    k = resolve_switch_step(steps, switch_step=None if switch_fraction is not None else switch_step,
+                            switch_fraction=switch_fraction)
+    guider = CombinedGuider(base, tuned, switch_step=k, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
+                            mode=mode, blend_power=blend_power)
+    guider.set_conds(positive, negative, tuned_positive, tuned_negative)
+
+    latent_image = comfy.sample.fix_empty_latent_channels(base, latent_image, latent.get("downscale_ratio_spacial", None),
+                                                          latent.get("downscale_ratio_temporal", None))
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    sigmas = ksampler_sigmas(base, steps, sampler_name, scheduler, denoise)
+    out = latent.copy()
+    out.pop("downscale_ratio_spacial", None)
+    out.pop("downscale_ratio_temporal", None)
+    if sigmas.shape[-1] == 0:  # denoise == 0: nothing to do, as KSampler
+        out["samples"] = latent_image
+        return out
+    mask = latent.get("noise_mask")
+    if handoff == "continuous" or k in (0, steps):
+        samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                denoise_mask=mask, callback=callback, disable_pbar=disable_pbar, seed=seed)
+    else:
+        # Two passes, as KSamplerAdvanced(base, 0→k, leftover noise) → KSamplerAdvanced(tuned, k→N, no noise).
+        tp = positive if tuned_positive is None else tuned_positive
+        tn = negative if tuned_negative is None else tuned_negative
+        first = _stage_guider(base, positive, negative, cfg_base).sample(
+            noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas[:k + 1], denoise_mask=mask,
+            callback=callback, disable_pbar=disable_pbar, seed=seed)
+        first = first.to(device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
+
+        def second_callback(step, x0, x, total):
+            if callback is not None:
+                return callback(step + k, x0, x, total + k)
+
+        samples = _stage_guider(tuned, tp, tn, cfg_tuned).sample(
+            torch.zeros_like(noise), first, comfy.samplers.sampler_object(sampler_name), sigmas[k:], denoise_mask=mask,
+            callback=second_callback, disable_pbar=disable_pbar, seed=seed)
+    out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
+                                dtype=comfy.model_management.intermediate_dtype())
+    return out

@@ -1,0 +1,237 @@
+"""Combined KSampler: equality with KSampler / chained KSamplerAdvanced, on tiny models built with comfy's classes.
+
+The reference nodes (KSampler, KSamplerAdvanced, SamplerCustomAdvanced …) are ComfyUI's own, taken
+from NODE_CLASS_MAPPINGS after ComfyUI loaded everything; the pack's node is the one ComfyUI loaded.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+N = 4  # steps in the bulk sweeps: every k in 0..N
+
+
+@pytest.fixture(scope="module")
+def env(host):
+    from rewardtune.testing import tiny_models as tm
+    import comfy.sd
+
+    base = tm.tiny_model_patcher(seed=0, unit_scale=True)
+    twin = tm.tiny_model_patcher(seed=0, unit_scale=True)  # same weights, a separate model object
+    other = tm.tiny_model_patcher(seed=1, unit_scale=True)  # a different "tuned checkpoint"
+    lora = tm.lora_state_dict(base.model, seed=7, scale=2.0)
+    with_lora, _ = comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)
+    return {
+        "nodes": host.node_classes, "tm": tm, "base": base, "twin": twin, "other": other, "lora": with_lora,
+        "pos": tm.tiny_conditioning(1), "neg": tm.tiny_conditioning(2),
+        "latent": {"samples": torch.zeros(2, 4, 8, 8)},
+    }
+
+
+def ksampler(env, model, sampler, steps=N, cfg=4.0, seed=11, scheduler="normal", denoise=1.0):
+    node = env["nodes"]["KSampler"]()
+    return node.sample(model, seed, steps, cfg, sampler, scheduler, env["pos"], env["neg"], env["latent"], denoise=denoise)[0]["samples"]
+
+
+def chain(env, base, tuned, sampler, k, steps=N, cfg_base=4.0, cfg_tuned=4.0, seed=11, scheduler="normal"):
+    adv = env["nodes"]["KSamplerAdvanced"]()
+    first = adv.sample(base, "enable", seed, steps, cfg_base, sampler, scheduler, env["pos"], env["neg"], env["latent"],
+                       0, k, "enable")[0]
+    return adv.sample(tuned, "disable", seed, steps, cfg_tuned, sampler, scheduler, env["pos"], env["neg"], first,
+                      k, 10000, "disable")[0]["samples"]
+
+
+def combined(env, base, tuned, sampler, k, steps=N, cfg_base=4.0, cfg_tuned=4.0, seed=11, scheduler="normal", **kw):
+    node = env["nodes"]["RewardTuneCombinedKSampler"]
+    args = dict(base_model=base, tuned_model=tuned, positive=env["pos"], negative=env["neg"], latent_image=env["latent"],
+                seed=seed, steps=steps, switch_unit="step", switch_step=k, switch_fraction=0.0, cfg_base=cfg_base,
+                cfg_tuned=cfg_tuned, mode="switch", blend_power=1.0, sampler_name=sampler, scheduler=scheduler,
+                handoff="continuous", denoise=1.0)
+    args.update(kw)
+    return node.execute(**args).args[0]["samples"]
+
+
+def assert_close(a, b, tol=1e-5):
+    assert a.shape == b.shape
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    diff = (a - b).abs().max().item()
+    assert diff <= tol * max(1.0, b.abs().max().item()), f"max abs diff {diff}"
+
+
+def all_samplers():
+    import comfy.samplers
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def test_node_is_registered_by_comfyui(host):
+    assert "RewardTuneCombinedKSampler" in host.node_classes
+    assert "RewardTuneCombinedGuider" in host.node_classes
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "ddpm"])
+def test_k0_is_tuned_and_kN_is_base(env, sampler):
+    for tuned in (env["other"], env["lora"]):
+        assert_close(combined(env, env["base"], tuned, sampler, 0), ksampler(env, tuned, sampler))
+        assert_close(combined(env, env["base"], tuned, sampler, N), ksampler(env, env["base"], sampler))
+
+
+def test_same_model_equals_one_ksampler_for_every_sampler_and_k(env):
+    """One continuous pass: no re-seeded noise and no restarted history at the switch, for all samplers.
+
+    ``twin`` has the base's weights in a separate model object, so every call really is routed
+    between two models; the result must still be exactly one KSampler run.
+    """
+    failures = []
+    for sampler in all_samplers():
+        ref = ksampler(env, env["base"], sampler)
+        for k in range(N + 1):
+            for tuned in (env["base"], env["twin"]):
+                out = combined(env, env["base"], tuned, sampler, k)
+                diff = (out - ref).abs().max().item()
+                if not (torch.isfinite(out).all() and diff <= 1e-5 * max(1.0, ref.abs().max().item())):
+                    failures.append((sampler, k, tuned is env["twin"], diff))
+    assert not failures, failures
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "ddim"])
+@pytest.mark.parametrize("tuned_name", ["other", "lora"])
+def test_single_step_samplers_equal_the_two_node_chain(env, sampler, tuned_name):
+    tuned = env[tuned_name]
+    for k in range(1, N):
+        assert_close(combined(env, env["base"], tuned, sampler, k, cfg_tuned=2.0),
+                     chain(env, env["base"], tuned, sampler, k, cfg_tuned=2.0))
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "uni_pc", "lms"])
+def test_multistep_samplers_keep_history_and_restart_mode_equals_the_chain(env, sampler):
+    k = 2
+    cont = combined(env, env["base"], env["other"], sampler, k, steps=6)
+    restart = combined(env, env["base"], env["other"], sampler, k, steps=6, handoff="restart")
+    ref_chain = chain(env, env["base"], env["other"], sampler, k, steps=6)
+    assert_close(restart, ref_chain)
+    # the continuous pass keeps the multistep history, so it differs from the chain
+    assert (cont - ref_chain).abs().max().item() > 1e-4
+
+
+def test_lora_tuned_model_is_really_used(env):
+    """The shared-weights trap: base + LoRA must not silently run the base for every step."""
+    base_only = ksampler(env, env["base"], "euler")
+    out = combined(env, env["base"], env["lora"], "euler", 2)
+    assert (out - base_only).abs().max().item() > 1e-3
+    assert_close(out, chain(env, env["base"], env["lora"], "euler", 2))
+    # and the base model is left unpatched afterwards
+    assert_close(ksampler(env, env["base"], "euler"), base_only)
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_sde", "ddpm"])
+def test_stochastic_samplers_are_deterministic_for_a_seed(env, sampler):
+    a = combined(env, env["base"], env["lora"], sampler, 2, seed=5)
+    b = combined(env, env["base"], env["lora"], sampler, 2, seed=5)
+    c = combined(env, env["base"], env["lora"], sampler, 2, seed=6)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max().item() > 1e-3
+
+
+def test_switch_fraction_matches_step(env):
+    by_fraction = combined(env, env["base"], env["other"], "euler", 0, steps=8, switch_unit="fraction", switch_fraction=0.75)
+    by_step = combined(env, env["base"], env["other"], "euler", 6, steps=8)
+    assert torch.equal(by_fraction, by_step)
+
+
+def test_cfg_per_stage(env):
+    """cfg_tuned only affects the tuned stage: at k = N it changes nothing, at k < N it does."""
+    a = combined(env, env["base"], env["other"], "euler", N, cfg_tuned=1.0)
+    b = combined(env, env["base"], env["other"], "euler", N, cfg_tuned=9.0)
+    assert torch.equal(a, b)
+    c = combined(env, env["base"], env["other"], "euler", 2, cfg_tuned=1.0)
+    d = combined(env, env["base"], env["other"], "euler", 2, cfg_tuned=9.0)
+    assert (c - d).abs().max().item() > 1e-4
+
+
+def test_separate_tuned_conditioning(env):
+    other_pos = env["tm"].tiny_conditioning(99)
+    a = combined(env, env["base"], env["other"], "euler", 2)
+    b = combined(env, env["base"], env["other"], "euler", 2, tuned_positive=other_pos)
+    assert (a - b).abs().max().item() > 1e-4
+    # only the tuned stage sees it: at k = N nothing changes
+    assert torch.equal(combined(env, env["base"], env["other"], "euler", N),
+                       combined(env, env["base"], env["other"], "euler", N, tuned_positive=other_pos))
+
+
+def test_blend_mode_endpoints_and_formula(env):
+    """ReFL AIG: γ_i = 1 − (i/N)^p. A huge p keeps γ ≈ 1 (base) until the very end; with base == tuned the blend is exact."""
+    from rewardtune.sampling.combined import aig_gamma
+    assert aig_gamma(0, 10, 2.0) == 1.0 and aig_gamma(10, 10, 2.0) == 0.0
+    assert abs(aig_gamma(5, 10, 2.0) - 0.75) < 1e-12
+    same = combined(env, env["base"], env["twin"], "dpmpp_2m", 0, mode="blend", blend_power=1.5)
+    assert_close(same, ksampler(env, env["base"], "dpmpp_2m"))
+    blend = combined(env, env["base"], env["other"], "euler", 0, mode="blend", blend_power=1.0)
+    base_only = ksampler(env, env["base"], "euler")
+    tuned_only = ksampler(env, env["other"], "euler")
+    assert (blend - base_only).abs().max() > 1e-4 and (blend - tuned_only).abs().max() > 1e-4
+
+
+def test_blend_first_step_is_pure_base_prediction(env):
+    """At i = 0, γ = 1: a one-step euler blend equals one base step exactly."""
+    out = combined(env, env["base"], env["other"], "euler", 0, steps=1, mode="blend", blend_power=1.0)
+    assert_close(out, ksampler(env, env["base"], "euler", steps=1))
+
+
+def test_guider_for_sampler_custom_advanced(env):
+    nodes = env["nodes"]
+    guider = nodes["RewardTuneCombinedGuider"].execute(
+        base_model=env["base"], tuned_model=env["lora"], positive=env["pos"], negative=env["neg"], switch_unit="step",
+        switch_step=2, switch_fraction=0.0, cfg_base=4.0, cfg_tuned=4.0, mode="switch", blend_power=1.0).args[0]
+    noise = nodes["RandomNoise"].execute(noise_seed=11).args[0]
+    sampler = nodes["KSamplerSelect"].execute(sampler_name="euler").args[0]
+    sigmas = nodes["BasicScheduler"].execute(model=env["base"], scheduler="normal", steps=N, denoise=1.0).args[0]
+    out = nodes["SamplerCustomAdvanced"].execute(noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                                                 latent_image=env["latent"]).args[0]["samples"]
+    assert_close(out, combined(env, env["base"], env["lora"], "euler", 2))
+
+
+def test_interrupt_is_honoured(env):
+    import comfy.model_management as mm
+    from rewardtune.sampling.combined import combined_sample
+
+    def cb(step, x0, x, total):
+        if step == 1:
+            mm.interrupt_current_processing(True)
+
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            combined_sample(env["base"], env["lora"], env["pos"], env["neg"], env["latent"], seed=1, steps=6,
+                            sampler_name="euler", scheduler="normal", cfg_base=4.0, cfg_tuned=1.0, switch_step=3,
+                            callback=cb)
+    finally:
+        mm.interrupt_current_processing(False)
+
+
+def raises_named(name, match):
+    """The node's module is ComfyUI's copy of the pack (loaded under its path), so compare the class by name."""
+    class _Ctx:
+        def __enter__(self):
+            self.cm = pytest.raises(Exception, match=match)
+            self.info = self.cm.__enter__()
+            return self.info
+
+        def __exit__(self, *exc):
+            ok = self.cm.__exit__(*exc)
+            assert type(self.info.value).__name__ == name, repr(self.info.value)
+            return ok
+    return _Ctx()
+
+
+def test_bad_inputs_have_clear_errors(env):
+    tm = env["tm"]
+    with raises_named("CombinedSamplingError", "switch step must be between 0 and steps=4"):
+        combined(env, env["base"], env["other"], "euler", 5)
+    with raises_named("CombinedSamplingError", "latent batch is empty"):
+        combined(env, env["base"], env["other"], "euler", 2, latent_image={"samples": torch.zeros(0, 4, 8, 8)})
+    scaled = tm.tiny_model_patcher(seed=0, unit_scale=False)  # SD1.5 latent scale vs scale 1
+    with raises_named("CombinedSamplingError", "same architecture with the same latent format"):
+        combined(env, env["base"], scaled, "euler", 2)
+    with raises_named("CombinedSamplingError", "positive conditioning is empty"):
+        combined(env, env["base"], env["other"], "euler", 2, positive=[])
+    with raises_named("CombinedSamplingError", "restart' handoff only applies"):
+        combined(env, env["base"], env["other"], "euler", 2, mode="blend", handoff="restart")
