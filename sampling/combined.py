@@ -391,6 +391,12 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
     # Validate the switch against the requested step count before any work.
     k = resolve_switch_step(steps, switch_step=None if switch_fraction is not None else switch_step,
                             switch_fraction=switch_fraction)
+    sigmas = ksampler_sigmas(base, steps, sampler_name, scheduler, denoise)
+    # k indexes the sampler's sigmas, as KSamplerAdvanced's start/end steps do. Some schedulers
+    # (ddim_uniform when steps does not divide 1000) return an extra step; k = steps still means
+    # "base model only".
+    if k >= steps:
+        k = max(int(sigmas.shape[-1]) - 1, 0)
     guider = CombinedGuider(base, tuned, switch_step=k, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
                             mode=mode, blend_power=blend_power)
     guider.set_conds(positive, negative, tuned_positive, tuned_negative)
@@ -398,7 +404,6 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
     latent_image = comfy.sample.fix_empty_latent_channels(base, latent_image, latent.get("downscale_ratio_spacial", None),
                                                           latent.get("downscale_ratio_temporal", None))
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    sigmas = ksampler_sigmas(base, steps, sampler_name, scheduler, denoise)
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)
     out.pop("downscale_ratio_temporal", None)
@@ -406,7 +411,7 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
         out["samples"] = latent_image
         return out
     mask = latent.get("noise_mask")
-    if handoff == "continuous" or k in (0, steps):
+    if handoff == "continuous" or k == 0 or k >= int(sigmas.shape[-1]) - 1:
         samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
                                 denoise_mask=mask, callback=callback, disable_pbar=disable_pbar, seed=seed)
     else:

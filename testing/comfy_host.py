@@ -97,7 +97,8 @@ class InProcessComfy:
         self.loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=load_pack, init_api_nodes=False))
         self.nodes = nodes
         self.execution = execution
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC)
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.CLASSIC,
+                                                   cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     @property
     def node_classes(self) -> dict:

@@ -1,0 +1,117 @@
+"""Run the combined-generation example workflow headless through a real ComfyUI server.
+
+1. writes tiny random-weight models (a detectable SD1.5 checkpoint with CLIP-L and a TAESD VAE,
+   and a LoRA standing in for the reward-tuned model) into a models tree,
+2. starts ``ComfyUI/main.py --cpu`` on 127.0.0.1 with this pack in its custom nodes,
+3. loads ``example_workflows/combined_generation.json`` (the UI workflow users open), converts it
+   with the server's /object_info, swaps in the tiny model names (and a small size/step count),
+4. queues it over HTTP, waits for /history, and writes the images plus a base | combined | tuned
+   strip to the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="where the images and the strip go")
+    ap.add_argument("--steps", type=int, default=40, help="sampling steps (the paper's 40)")
+    ap.add_argument("--switch", type=int, default=30, help="switch step k (the paper's 30 for SD1.5)")
+    ap.add_argument("--size", type=int, default=128, help="image size in pixels (tiny models: keep it small)")
+    args = ap.parse_args()
+
+    pkgs = os.path.join(ROOT, ".rt", "pkgs")
+    os.makedirs(pkgs, exist_ok=True)
+    link = os.path.join(pkgs, "rewardtune")
+    if not os.path.lexists(link):
+        os.symlink(ROOT, link)
+    sys.path.insert(0, pkgs)
+    from rewardtune.testing.comfy_host import ComfyServer, comfyui_dir, make_custom_nodes_dir, write_extra_model_paths
+    from rewardtune.testing.workflow import ui_to_api
+
+    work = os.path.join(ROOT, ".rt", "demo")
+    models = os.path.join(work, "models")
+    os.makedirs(work, exist_ok=True)
+    ckpt = os.path.join(models, "checkpoints", "rt_demo_sd15.safetensors")
+    lora = os.path.join(models, "loras", "rt_demo_tuned_lora.safetensors")
+    emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
+                                  custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
+    if not (os.path.exists(ckpt) and os.path.exists(lora)):
+        print("[demo] writing tiny random-weight models …", flush=True)
+        sys.path.insert(0, comfyui_dir())
+        import comfy.options
+        comfy.options.enable_args_parsing(False)
+        from comfy.cli_args import args as comfy_args
+        comfy_args.cpu = True
+        from rewardtune.testing import tiny_models as tm
+        tm.write_sd15_checkpoint(ckpt, seed=0)
+        tm.write_sd15_lora(lora, seed=3, scale=0.5)
+
+    workflow = json.load(open(os.path.join(ROOT, "example_workflows", "combined_generation.json"), encoding="utf-8"))
+    server_dir = os.path.join(work, "server")
+    shutil.rmtree(server_dir, ignore_errors=True)
+    os.makedirs(server_dir)
+    print("[demo] starting ComfyUI (CPU) …", flush=True)
+    with ComfyServer(server_dir, emp) as srv:
+        info = srv.get("/object_info")
+        missing = [n for n in ("RewardTuneCombinedKSampler", "RewardTuneCombinedGuider") if n not in info]
+        if missing:
+            print(f"[demo] the pack did not load: {missing} missing from /object_info\n{srv.log_tail()}")
+            return 1
+        prompt = ui_to_api(workflow, info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): os.path.basename(ckpt),
+            ("LoraLoader", "lora_name"): os.path.basename(lora),
+            ("EmptyLatentImage", "width"): args.size, ("EmptyLatentImage", "height"): args.size,
+            ("KSampler", "steps"): args.steps, ("RewardTuneCombinedKSampler", "steps"): args.steps,
+            ("RewardTuneCombinedKSampler", "switch_step"): args.switch,
+        })
+        t0 = time.time()
+        pid = srv.queue(prompt)
+        entry = srv.wait(pid, timeout=600)
+        if entry["status"].get("status_str") != "success":
+            print(f"[demo] the workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}")
+            return 1
+        print(f"[demo] workflow ran in {time.time() - t0:.1f}s", flush=True)
+        out_dir = os.path.abspath(args.out)
+        os.makedirs(out_dir, exist_ok=True)
+        rows = {}
+        for node_out in entry["outputs"].values():
+            for img in node_out.get("images", []):
+                src = os.path.join(server_dir, "output", img["subfolder"], img["filename"])
+                label = os.path.basename(img["subfolder"]) if img["subfolder"] else img["filename"].split("_")[0]
+                label = img["filename"].rsplit("_", 2)[0]
+                dst = os.path.join(out_dir, img["filename"])
+                shutil.copyfile(src, dst)
+                rows.setdefault(label, []).append(dst)
+    from PIL import Image, ImageDraw
+    order = [r for r in ("base", "combined", "tuned") if r in rows]
+    if order != ["base", "combined", "tuned"]:
+        print(f"[demo] expected base/combined/tuned images, got {sorted(rows)}")
+        return 1
+    tiles = [[Image.open(p).convert("RGB") for p in sorted(rows[r])] for r in order]
+    w, h = tiles[0][0].size
+    pad = 18
+    strip = Image.new("RGB", (w * len(order), (h * len(tiles[0])) + pad), "white")
+    draw = ImageDraw.Draw(strip)
+    for c, (name, col) in enumerate(zip(order, tiles)):
+        draw.text((c * w + 4, 3), name if name != "combined" else f"combined k={args.switch}", fill="black")
+        for r, im in enumerate(col):
+            strip.paste(im, (c * w, pad + r * h))
+    strip_path = os.path.join(out_dir, "strip_base_combined_tuned.png")
+    strip.save(strip_path)
+    print(f"[demo] images and strip written to {out_dir}")
+    print(f"[demo] strip: {strip_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 1: set up from nothing, then run the combined-generation demo headless.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+. "$ROOT/.rt/env.sh"
+exec "$RT_VENV/bin/python" "$ROOT/scripts/demo.py" "$@"
