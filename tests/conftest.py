@@ -56,3 +56,10 @@ def server(models_tree, tmp_path_factory):
     srv.start()
     yield srv
     srv.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The tiny checkpoints take ~550 MB: don't leave them behind in /tmp."""
+    import shutil
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    shutil.rmtree(_PKGS, ignore_errors=True)
