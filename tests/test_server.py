@@ -93,3 +93,12 @@ def test_bad_switch_fails_clearly_and_server_keeps_serving(server, models_tree):
     assert "RewardTuneCombinedKSampler" in server.get("/object_info")
     ok = server.wait(server.queue(example_prompt(server, models_tree, steps=4, switch=3)))
     assert ok["status"]["status_str"] == "success"
+
+
+def test_example_workflow_is_listed_as_a_template(server):
+    templates = server.get("/workflow_templates")
+    assert "combined_generation" in templates.get("rewardtune", []), templates
+    wf = server.get("/api/workflow_templates/rewardtune/combined_generation.json")
+    if isinstance(wf, bytes):
+        wf = json.loads(wf)
+    assert any(n["type"] == "RewardTuneCombinedKSampler" for n in wf["nodes"])
