@@ -27,12 +27,8 @@ def bootstrap(cpu: bool):
     if not os.path.lexists(os.path.join(pkgs, "rewardtune")):
         os.symlink(ROOT, os.path.join(pkgs, "rewardtune"))
     sys.path.insert(0, pkgs)
-    from rewardtune.testing.comfy_host import comfyui_dir
-    sys.path.insert(0, comfyui_dir())
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args
-    args.cpu = cpu
+    from rewardtune.testing.comfy_host import prepare_comfy_import
+    prepare_comfy_import(cpu=cpu)
 
 
 def main():

@@ -395,8 +395,9 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
     # k indexes the sampler's sigmas, as KSamplerAdvanced's start/end steps do. Some schedulers
     # (ddim_uniform when steps does not divide 1000) return an extra step; k = steps still means
     # "base model only".
+    n_sched = max(int(sigmas.shape[-1]) - 1, 0)
     if k >= steps:
-        k = max(int(sigmas.shape[-1]) - 1, 0)
+        k = n_sched
     guider = CombinedGuider(base, tuned, switch_step=k, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
                             mode=mode, blend_power=blend_power)
     guider.set_conds(positive, negative, tuned_positive, tuned_negative)
@@ -411,7 +412,7 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
         out["samples"] = latent_image
         return out
     mask = latent.get("noise_mask")
-    if handoff == "continuous" or k == 0 or k >= int(sigmas.shape[-1]) - 1:
+    if handoff == "continuous" or k == 0 or k >= n_sched:
         samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
                                 denoise_mask=mask, callback=callback, disable_pbar=disable_pbar, seed=seed)
     else:

@@ -35,8 +35,9 @@ def main() -> int:
     if not os.path.lexists(link):
         os.symlink(ROOT, link)
     sys.path.insert(0, pkgs)
-    from rewardtune.testing.comfy_host import ComfyServer, comfyui_dir, make_custom_nodes_dir, write_extra_model_paths
-    from rewardtune.testing.workflow import ui_to_api
+    from rewardtune.testing.comfy_host import (ComfyServer, make_custom_nodes_dir, prepare_comfy_import,
+                                               write_extra_model_paths)
+    from rewardtune.testing.workflow import combined_example_prompt
 
     work = os.path.join(ROOT, ".rt", "demo")
     models = os.path.join(work, "models")
@@ -47,16 +48,11 @@ def main() -> int:
                                   custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
     if not (os.path.exists(ckpt) and os.path.exists(lora)):
         print("[demo] writing tiny random-weight models …", flush=True)
-        sys.path.insert(0, comfyui_dir())
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args as comfy_args
-        comfy_args.cpu = True
+        prepare_comfy_import(cpu=True)
         from rewardtune.testing import tiny_models as tm
         tm.write_sd15_checkpoint(ckpt, seed=0)
         tm.write_sd15_lora(lora, seed=3, scale=0.5)
 
-    workflow = json.load(open(os.path.join(ROOT, "example_workflows", "combined_generation.json"), encoding="utf-8"))
     server_dir = os.path.join(work, "server")
     shutil.rmtree(server_dir, ignore_errors=True)
     os.makedirs(server_dir)
@@ -67,13 +63,8 @@ def main() -> int:
         if missing:
             print(f"[demo] the pack did not load: {missing} missing from /object_info\n{srv.log_tail()}")
             return 1
-        prompt = ui_to_api(workflow, info, {
-            ("CheckpointLoaderSimple", "ckpt_name"): os.path.basename(ckpt),
-            ("LoraLoader", "lora_name"): os.path.basename(lora),
-            ("EmptyLatentImage", "width"): args.size, ("EmptyLatentImage", "height"): args.size,
-            ("KSampler", "steps"): args.steps, ("RewardTuneCombinedKSampler", "steps"): args.steps,
-            ("RewardTuneCombinedKSampler", "switch_step"): args.switch,
-        })
+        prompt = combined_example_prompt(info, os.path.basename(ckpt), os.path.basename(lora),
+                                         steps=args.steps, switch=args.switch, size=args.size)
         t0 = time.time()
         pid = srv.queue(prompt)
         entry = srv.wait(pid, timeout=600)
@@ -87,7 +78,6 @@ def main() -> int:
         for node_out in entry["outputs"].values():
             for img in node_out.get("images", []):
                 src = os.path.join(server_dir, "output", img["subfolder"], img["filename"])
-                label = os.path.basename(img["subfolder"]) if img["subfolder"] else img["filename"].split("_")[0]
                 label = img["filename"].rsplit("_", 2)[0]
                 dst = os.path.join(out_dir, img["filename"])
                 shutil.copyfile(src, dst)

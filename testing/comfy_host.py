@@ -62,20 +62,24 @@ def write_extra_model_paths(path: str, models_root: str, custom_nodes: str | Non
     return path
 
 
+def prepare_comfy_import(cpu: bool = True) -> str:
+    """Put ComfyUI on sys.path and set its arguments before anything imports comfy.model_management."""
+    cdir = comfyui_dir()
+    if cdir not in sys.path:
+        sys.path.insert(0, cdir)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args
+    args.cpu = cpu
+    return cdir
+
+
 class InProcessComfy:
     """ComfyUI imported into this process on CPU, nodes loaded by its own loader, prompts run by its executor."""
 
     def __init__(self, workdir: str, extra_model_paths: str | None = None, load_pack: bool = True):
         self.workdir = workdir
-        cdir = comfyui_dir()
-        if cdir not in sys.path:
-            sys.path.insert(0, cdir)
-        import comfy.options
-        comfy.options.enable_args_parsing(False)
-        from comfy.cli_args import args
-        args.cpu = True
-        args.disable_all_custom_nodes = False
-        args.preview_method = args.preview_method  # keep default (none)
+        prepare_comfy_import(cpu=True)
         import folder_paths
         for name, setter in (("output", folder_paths.set_output_directory), ("temp", folder_paths.set_temp_directory),
                              ("input", folder_paths.set_input_directory), ("user", folder_paths.set_user_directory)):

@@ -6,6 +6,12 @@ conversion is checked against the real host, not against a copy of its rules.
 """
 from __future__ import annotations
 
+import json
+import os
+
+EXAMPLE_WORKFLOW = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "example_workflows", "combined_generation.json")
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 SKIPPED_TYPES = {"Note", "MarkdownNote", "PrimitiveNode"}
 
@@ -61,3 +67,16 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
                 inputs[name] = value
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs, "_meta": {"title": node.get("title", ntype)}}
     return prompt
+
+
+def combined_example_prompt(object_info: dict, ckpt_name: str, lora_name: str, *, steps: int, switch: int,
+                            size: int) -> dict:
+    """The shipped combined-generation workflow as an API prompt, with the given models and sizes."""
+    with open(EXAMPLE_WORKFLOW, encoding="utf-8") as f:
+        workflow = json.load(f)
+    return ui_to_api(workflow, object_info, {
+        ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name, ("LoraLoader", "lora_name"): lora_name,
+        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size,
+        ("KSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "steps"): steps,
+        ("RewardTuneCombinedKSampler", "switch_step"): switch,
+    })

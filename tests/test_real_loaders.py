@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file

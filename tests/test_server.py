@@ -3,26 +3,20 @@ the example workflow runs over HTTP with progress on the websocket, and bad inpu
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 import pytest
 import websocket
 
-from rewardtune.testing.workflow import ui_to_api
+from rewardtune.testing.workflow import combined_example_prompt
 
 pytestmark = pytest.mark.server
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_NODES = ("RewardTuneCombinedKSampler", "RewardTuneCombinedGuider")
 
 
 def example_prompt(server, models, steps=8, switch=6, size=64):
-    workflow = json.load(open(os.path.join(ROOT, "example_workflows", "combined_generation.json"), encoding="utf-8"))
-    return ui_to_api(workflow, server.get("/object_info"), {
-        ("CheckpointLoaderSimple", "ckpt_name"): models["sd15"], ("LoraLoader", "lora_name"): models["lora"],
-        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size,
-        ("KSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "steps"): steps,
-        ("RewardTuneCombinedKSampler", "switch_step"): switch})
+    return combined_example_prompt(server.get("/object_info"), models["sd15"], models["lora"],
+                                   steps=steps, switch=switch, size=size)
 
 
 def test_object_info_lists_the_nodes_with_tooltips(server):
