@@ -1,0 +1,143 @@
+"""Reward models inside a running ComfyUI: the ``reward_models`` folder, VRAM management through
+ComfyUI's model patcher, progress and interrupt, captions. Imported only by the nodes."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+
+from .base import RewardModel
+from .checkpoint import OFFICIAL_FILES, RewardModelError, WEIGHT_SUFFIXES
+from .loader import load_reward_model
+
+FOLDER = "reward_models"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def register_reward_folder() -> None:
+    """models/reward_models, keeping any paths extra_model_paths.yaml already added."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+        if default not in paths:
+            paths.insert(0, default)
+        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(WEIGHT_SUFFIXES))
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(WEIGHT_SUFFIXES))
+
+
+def reward_files() -> list[str]:
+    return folder_paths.get_filename_list(FOLDER)
+
+
+def clip_files() -> list[str]:
+    """CLIP candidates for the aesthetic head: the clip_vision folder, then reward_models."""
+    return folder_paths.get_filename_list("clip_vision") + [
+        f for f in reward_files() if "clip" in f.lower()]
+
+
+@dataclass
+class RewardHandle:
+    """What flows between nodes as REWARD_MODEL: the model and the patcher ComfyUI loads it with."""
+    model: RewardModel
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+
+    def load(self) -> RewardModel:
+        mm.load_models_gpu([self.patcher])
+        return self.model
+
+
+def _dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    return torch.float16 if mm.should_use_fp16(device) else torch.float32
+
+
+def load_reward(name: str, reward_type: str = "auto", precision: str = "auto", clip_vision=None,
+                clip_name: str | None = None) -> RewardHandle:
+    path = folder_paths.get_full_path(FOLDER, name) if name else None
+    if path is None:
+        folders = folder_paths.get_folder_paths(FOLDER)
+        raise RewardModelError(
+            f"reward model file {name!r} not found. Put it in {' or '.join(folders)} (or add a "
+            f"'{FOLDER}' entry to extra_model_paths.yaml) and refresh. Expected files: "
+            + "; ".join(f"{k}: {v}" for k, v in OFFICIAL_FILES.items()))
+    clip_path = None
+    if clip_vision is None and clip_name:
+        clip_path = folder_paths.get_full_path("clip_vision", clip_name) or folder_paths.get_full_path(FOLDER, clip_name)
+        if clip_path is None:
+            raise RewardModelError(f"CLIP model {clip_name!r} not found in the clip_vision or {FOLDER} folders")
+    load_device = mm.get_torch_device()
+    offload = mm.unet_offload_device()
+    model = load_reward_model(path, reward_type, clip_vision=clip_vision, clip_vision_path=clip_path,
+                              device=offload, dtype=_dtype(precision, load_device))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+    return RewardHandle(model, patcher, os.path.basename(name))
+
+
+def split_prompts(prompt: str, per_line: bool) -> list[str]:
+    if not per_line:
+        return [prompt]
+    return [line.strip() for line in prompt.splitlines() if line.strip()] or [""]
+
+
+def score_images(handle: RewardHandle, images: torch.Tensor, prompts: list[str],
+                 batch_size: int = 8) -> torch.Tensor:
+    """Scores (B,) on the CPU, with a progress bar and interrupt between batches."""
+    model = handle.load()
+    bar = comfy.utils.ProgressBar(images.shape[0])
+
+    def on_batch(done, total):
+        bar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+
+    with torch.no_grad():
+        return model.score(images.to(model.device), prompts, batch_size=batch_size, on_batch=on_batch).cpu()
+
+
+def rank(scores: torch.Tensor, top_k: int) -> list[int]:
+    """Indices of the top_k scores, best first (ties keep batch order)."""
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    return order[:max(1, min(top_k, len(order)))]
+
+
+def summary(handle: RewardHandle, scores: torch.Tensor, prompts: list[str]) -> str:
+    lines = [f"{handle.model.label} ({handle.name}), {len(scores)} image(s)"]
+    for i, s in enumerate(scores.tolist()):
+        prompt = prompts[i] if len(prompts) > 1 else None
+        lines.append(f"#{i}: {s:.4f}" + (f"  [{prompt[:40]}]" if prompt else ""))
+    if len(scores) > 1:
+        lines.append(f"mean {scores.mean():.4f}, std {scores.std():.4f}, best #{int(scores.argmax())}")
+    return "\n".join(lines)
+
+
+def caption(images: torch.Tensor, scores: torch.Tensor, label: str) -> torch.Tensor:
+    """The images with '<label>: <score>' written in a bar across the top."""
+    out = []
+    for img, s in zip(images, scores.tolist()):
+        arr = (img[..., :3].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        pil = Image.fromarray(arr)
+        draw = ImageDraw.Draw(pil)
+        size = max(10, pil.height // 16)
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1
+            font = ImageFont.load_default()
+        text = f"{label}: {s:.3f}"
+        draw.rectangle([0, 0, pil.width, size + 6], fill=(0, 0, 0))
+        draw.text((4, 2), text, fill=(255, 255, 255), font=font)
+        out.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0))
+    return torch.stack(out).to(images.device)

@@ -1,0 +1,78 @@
+"""Differentiable image preprocessing shared by the CLIP/BLIP-family rewards.
+
+The reference packages preprocess PIL images (torchvision ``Resize(224, BICUBIC)``, ``CenterCrop``,
+``ToTensor``, CLIP mean/std). Training needs gradients to reach the pixels, so RewardTune does the
+same steps on tensors: the sizes and crop offsets follow torchvision's formulas exactly, and the
+resize is torch's antialiased bicubic (PIL's kernel, a = -0.5). At the model's input size (224²)
+the result is identical to the PIL path; at other sizes it differs from PIL only by PIL's rounding
+to uint8 after resizing (about 1/255 per pixel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class RewardInputError(ValueError):
+    """Images or prompts a reward model cannot score, with what to do about it."""
+
+
+def as_rgb_bchw(images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
+    """Return float images (B, 3, H, W) in [0, 1] from ComfyUI IMAGE (B, H, W, C) or (B, C, H, W).
+
+    Grayscale (1 channel) is repeated to RGB; an alpha channel (2 or 4 channels) is dropped, as
+    ComfyUI keeps transparency in a separate MASK.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise RewardInputError(f"expected an image tensor, got {type(images).__name__}")
+    if layout not in ("BHWC", "BCHW"):
+        raise RewardInputError(f"layout must be 'BHWC' (ComfyUI IMAGE) or 'BCHW', got {layout!r}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise RewardInputError(
+            f"expected images shaped (batch, height, width, channels), got shape {tuple(images.shape)}")
+    if layout == "BHWC":
+        images = images.movedim(-1, 1)
+    channels = images.shape[1]
+    if channels in (1, 2):
+        images = images[:, :1].expand(-1, 3, -1, -1)
+    elif channels in (3, 4):
+        images = images[:, :3]
+    else:
+        raise RewardInputError(
+            f"images have {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA). "
+            f"Shape {tuple(images.shape)} in {layout} layout.")
+    if images.shape[0] == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
+        raise RewardInputError(f"empty image batch, shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        images = images.float() / 255.0
+    return images
+
+
+def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size`` (bicubic, antialiased), then a centred ``size``² crop (BCHW)."""
+    h, w = images.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    # torchvision: the long side is truncated, not rounded
+    new_short, new_long = size, int(size * long / short)
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        images = F.interpolate(images, size=(new_h, new_w), mode="bicubic", align_corners=False,
+                               antialias=True)
+        # PIL clamps to the 8-bit range after resampling; bicubic overshoots without it
+        images = images.clamp(0.0, 1.0)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return images[..., top:top + size, left:left + size]
+
+
+def clip_pixels(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[0, 1] BCHW RGB → the normalised ``size``² input of a CLIP/BLIP image encoder."""
+    x = resize_center_crop(images, size)
+    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
