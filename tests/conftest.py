@@ -63,3 +63,45 @@ def pytest_sessionfinish(session, exitstatus):
     import shutil
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
     shutil.rmtree(_PKGS, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ reward models
+ORACLE_PY = os.path.join(PACK_ROOT, ".rt", "oracle-imagereward", "bin", "python")
+
+
+@pytest.fixture(scope="session")
+def reward_tree(models_tree):
+    """Tiny random reward models in the official layouts, inside the session's models tree,
+    and the reference models they were saved from (to score against)."""
+    from rewardtune.testing import reward_fixtures as rf
+    rm_dir = os.path.join(models_tree["root"], "reward_models")
+    cv_dir = os.path.join(models_tree["root"], "clip_vision")
+    refs = {
+        "hpsv2": rf.write_hpsv2(os.path.join(rm_dir, "HPS_v2.1_compressed.pt"), seed=1),
+        "pickscore": rf.write_hf_clip(os.path.join(rm_dir, "PickScore_v1"), seed=2, hidden_act="gelu"),
+        "clip_vitl": rf.write_hf_clip(os.path.join(cv_dir, "clip-vit-large-patch14.safetensors"), seed=3,
+                                      hidden_act="quick_gelu", projection_dim=768),
+        "aesthetic": rf.write_aesthetic(os.path.join(rm_dir, "sac+logos+ava1-l14-linearMSE.pth"), seed=4),
+    }
+    return {"dir": rm_dir, "clip_dir": cv_dir, "refs": refs,
+            "files": {"hpsv2": "HPS_v2.1_compressed.pt", "pickscore": "PickScore_v1/model.safetensors",
+                      "aesthetic": "sac+logos+ava1-l14-linearMSE.pth",
+                      "clip_vitl": "clip-vit-large-patch14.safetensors"}}
+
+
+@pytest.fixture(scope="session")
+def imagereward_oracle():
+    """The image-reward package (its own venv, built by scripts/oracles.sh) builds a random
+    ImageReward, saves it as ImageReward.pt and scores test images with its own API."""
+    import json
+    import subprocess
+    if not os.path.exists(ORACLE_PY):
+        pytest.fail("the ImageReward oracle venv is missing: run `bash scripts/oracles.sh` "
+                    "(scripts/test.sh does it)")
+    out = os.path.join(_SESSION_DIR, "imagereward_oracle")
+    subprocess.run([ORACLE_PY, os.path.join(PACK_ROOT, "testing", "oracles", "imagereward_ref.py"),
+                    "dump", "--out", out, "--seed", "0"], check=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    with open(os.path.join(out, "cases.json"), encoding="utf-8") as f:
+        cases = json.load(f)
+    return {"dir": out, "weights": os.path.join(out, "ImageReward.pt"), "cases": cases}
