@@ -10,6 +10,7 @@ tests' small random models load through the same code.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 
@@ -77,8 +78,13 @@ def configs_from_state_dict(sd):
 def load_tokenizer(folder: str | None = None) -> BertTokenizerFast:
     """bert-base-uncased WordPiece plus BLIP's [DEC] and [ENC] tokens (vocabulary 30,524)."""
     vocab = os.path.join(folder, "vocab.txt") if folder else None
-    tok = BertTokenizerFast(vocab_file=vocab if vocab and os.path.isfile(vocab) else VOCAB,
-                            do_lower_case=True)
+    vocab = vocab if vocab and os.path.isfile(vocab) else VOCAB
+    if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4
+        tok = BertTokenizerFast(vocab_file=vocab, do_lower_case=True)
+    else:  # transformers 5 takes the vocabulary itself (a path there is silently not read)
+        with open(vocab, encoding="utf-8") as f:
+            words = {line.rstrip("\n"): i for i, line in enumerate(f)}
+        tok = BertTokenizerFast(vocab=words, do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tok
@@ -132,6 +138,8 @@ def load_imagereward(sd: dict[str, torch.Tensor], folder: str | None = None) -> 
                               "ImageReward text encoder", ignore=("embeddings.position_ids",))
     mlp = build_with_weights(lambda: PreferenceMLP(text_cfg.hidden_size), mlp_sd, "ImageReward head")
     tokenizer = load_tokenizer(folder)
+    if tokenizer.convert_tokens_to_ids("the") != 1996:  # bert-base-uncased's id; [UNK] if unread
+        raise RewardModelError("the BERT vocabulary did not load (is vocab.txt a bert-base-uncased vocabulary?)")
     if len(tokenizer) > text_cfg.vocab_size:
         raise RewardModelError(
             f"the tokenizer has {len(tokenizer)} tokens but the text encoder only {text_cfg.vocab_size}")

@@ -190,3 +190,20 @@ def test_example_workflow_runs_over_http_and_server_survives_bad_input(reward_tr
     outs = entry["outputs"]
     assert len(parse_scores(outs["8"]["text"][0])) == 4
     assert len(outs["11"]["images"]) == 1 and len(outs["10"]["images"]) == 4
+
+
+def test_official_imagereward_file_through_the_nodes(host, models_tree, reward_tree, imagereward_oracle):
+    """The full-size ImageReward.pt the reference package saved, picked in Load Reward Model."""
+    name = "rt_random_ImageReward.pt"
+    link = os.path.join(reward_tree["dir"], name)
+    if not os.path.lexists(link):
+        os.symlink(imagereward_oracle["weights"], link)
+    try:
+        outputs = host.run(generate_prompt(models_tree, name, batch=2, top_k=1))
+    finally:
+        os.remove(link)
+    text = outputs["8"]["text"][0]
+    assert text.startswith("imagereward (rt_random_ImageReward.pt), 2 image(s)"), text
+    scores = parse_scores(text)
+    assert len(scores) == 2 and all(np.isfinite(scores))
+    assert outputs["9"]["text"][0].endswith(f"kept 1: #{int(np.argmax(scores))} ({max(scores):.4f})")
