@@ -6,7 +6,9 @@
 3. loads ``example_workflows/combined_generation.json`` (the UI workflow users open), converts it
    with the server's /object_info, swaps in the tiny model names (and a small size/step count),
 4. queues it over HTTP, waits for /history, and writes the images plus a base | combined | tuned
-   strip to the output folder.
+   strip to the output folder,
+5. runs ``example_workflows/best_of_n.json`` the same way with a tiny random reward model in the
+   official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output).
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ def main() -> int:
     sys.path.insert(0, pkgs)
     from rewardtune.testing.comfy_host import (ComfyServer, make_custom_nodes_dir, prepare_comfy_import,
                                                write_extra_model_paths)
-    from rewardtune.testing.workflow import combined_example_prompt
+    from rewardtune.testing.workflow import combined_example_prompt, ui_to_api
 
     work = os.path.join(ROOT, ".rt", "demo")
     models = os.path.join(work, "models")
@@ -46,12 +48,15 @@ def main() -> int:
     lora = os.path.join(models, "loras", "rt_demo_tuned_lora.safetensors")
     emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
                                   custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
-    if not (os.path.exists(ckpt) and os.path.exists(lora)):
+    reward = os.path.join(models, "reward_models", "rt_demo_HPS_v2.1_tiny.pt")
+    if not (os.path.exists(ckpt) and os.path.exists(lora) and os.path.exists(reward)):
         print("[demo] writing tiny random-weight models …", flush=True)
         prepare_comfy_import(cpu=True)
+        from rewardtune.testing import reward_fixtures as rf
         from rewardtune.testing import tiny_models as tm
         tm.write_sd15_checkpoint(ckpt, seed=0)
         tm.write_sd15_lora(lora, seed=3, scale=0.5)
+        rf.write_hpsv2(reward, seed=0)
 
     server_dir = os.path.join(work, "server")
     shutil.rmtree(server_dir, ignore_errors=True)
@@ -82,6 +87,9 @@ def main() -> int:
                 dst = os.path.join(out_dir, img["filename"])
                 shutil.copyfile(src, dst)
                 rows.setdefault(label, []).append(dst)
+        if run_best_of_n(srv, info, server_dir, os.path.basename(ckpt), os.path.basename(reward),
+                         os.path.join(out_dir, "best_of_n"), args.size) != 0:
+            return 1
     from PIL import Image, ImageDraw
     order = [r for r in ("base", "combined", "tuned") if r in rows]
     if order != ["base", "combined", "tuned"]:
@@ -100,6 +108,32 @@ def main() -> int:
     strip.save(strip_path)
     print(f"[demo] images and strip written to {out_dir}")
     print(f"[demo] strip: {strip_path}")
+    return 0
+
+
+def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) -> int:
+    from rewardtune.testing.workflow import ui_to_api
+    with open(os.path.join(ROOT, "example_workflows", "best_of_n.json"), encoding="utf-8") as f:
+        workflow = json.load(f)
+    prompt = ui_to_api(workflow, info, {
+        ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name,
+        ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
+        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("KSampler", "steps"): 20})
+    t0 = time.time()
+    entry = srv.wait(srv.queue(prompt), timeout=600)
+    if entry["status"].get("status_str") != "success":
+        print(f"[demo] the best-of-N workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}")
+        return 1
+    print(f"[demo] best-of-N workflow ran in {time.time() - t0:.1f}s", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    for node_out in entry["outputs"].values():
+        for img in node_out.get("images", []):
+            # previews go to <temp-directory>/temp, saved images to the output directory
+            base = os.path.join(server_dir, "temp", "temp") if img["type"] == "temp" else os.path.join(server_dir, "output")
+            src = os.path.join(base, img["subfolder"], img["filename"])
+            shutil.copyfile(src, os.path.join(out_dir, img["filename"]))
+        for text in node_out.get("text", []):
+            print("[demo] " + text.replace("\n", "\n[demo]   "))
     return 0
 
 
