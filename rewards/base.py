@@ -149,6 +149,13 @@ class RewardModel(nn.Module):
                 on_batch(min(i + step, x.shape[0]), x.shape[0])
         return torch.cat(scores).to(out_device)
 
+    def _apply(self, fn, *a, **kw):
+        # a device/dtype change invalidates text features cached by the CLIP rewards
+        cache = self.__dict__.get("text_features")
+        if cache is not None:
+            cache.clear()
+        return super()._apply(fn, *a, **kw)
+
     def training_reward(self, images: torch.Tensor, prompts: Prompts = None, **kw) -> torch.Tensor:
         return self.scale * (self.score(images, prompts, **kw) + self.offset)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from typing import Any
 
 import torch
@@ -103,6 +104,12 @@ def read_folder_config(path: str) -> dict | None:
         with open(cfg, encoding="utf-8") as f:
             return json.load(f)
     return None
+
+
+def count_indices(sd, pattern: str) -> int:
+    """How many distinct values the regex group takes over the keys (e.g. the number of layers)."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
 def _has(keys, *prefixes) -> bool:

@@ -6,7 +6,6 @@ Text features do not depend on the image, so they are cached per prompt.
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
@@ -14,15 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import PreferenceMLP, RewardModel, build_with_weights
-from .checkpoint import RewardModelError
+from .checkpoint import RewardModelError, count_indices
 
 # Attention heads per width where they are not width/64 (OpenCLIP / LAION / OpenAI towers).
 _VISION_HEADS = {768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
-
-
-def _count(sd, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
 
 
 def _clip_tokenizer(context_length: int):
@@ -65,14 +59,14 @@ def open_clip_config(sd) -> dict:
             "embed_dim": sd["visual.proj"].shape[1],
             "vision_cfg": {
                 "image_size": grid * patch, "patch_size": patch, "width": width,
-                "layers": _count(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
+                "layers": count_indices(sd, r"visual\.transformer\.resblocks\.(\d+)\."),
                 "head_width": width // heads,
                 "mlp_ratio": sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width},
             "text_cfg": {
                 "context_length": sd["positional_embedding"].shape[0],
                 "vocab_size": sd["token_embedding.weight"].shape[0], "width": text_width,
                 "heads": text_width // 64,
-                "layers": _count(sd, r"transformer\.resblocks\.(\d+)\."),
+                "layers": count_indices(sd, r"transformer\.resblocks\.(\d+)\."),
                 "mlp_ratio": sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / text_width},
         }
     except KeyError as e:
@@ -105,11 +99,6 @@ class HPSv2(RewardModel):
         text = self.text_features(prompts, pixels.device, torch.float32)
         return (image * text).sum(-1)
 
-    def _apply(self, fn, *a, **kw):  # a device/dtype change invalidates cached text features
-        if hasattr(self, "text_features"):
-            self.text_features.clear()
-        return super()._apply(fn, *a, **kw)
-
 
 def load_hpsv2(sd, label: str = "hpsv2") -> HPSv2:
     from open_clip.model import CLIP
@@ -131,7 +120,7 @@ def hf_clip_config(sd, folder_config: dict | None, quick_gelu: bool):
         width = words.shape[1]
         text = dict(vocab_size=words.shape[0], hidden_size=width,
                     intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                    num_hidden_layers=_count(sd, r"text_model\.encoder\.layers\.(\d+)\."),
+                    num_hidden_layers=count_indices(sd, r"text_model\.encoder\.layers\.(\d+)\."),
                     num_attention_heads=width // 64,
                     max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
                     hidden_act=vision["hidden_act"], eos_token_id=49407, bos_token_id=49406,
@@ -152,7 +141,7 @@ def hf_clip_vision_config(sd, quick_gelu: bool):
         return CLIPVisionConfig(
             hidden_size=width, patch_size=patch, image_size=int(round((n_pos - 1) ** 0.5)) * patch,
             intermediate_size=sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=_count(sd, r"vision_model\.encoder\.layers\.(\d+)\."),
+            num_hidden_layers=count_indices(sd, r"vision_model\.encoder\.layers\.(\d+)\."),
             num_attention_heads=_VISION_HEADS.get(width, width // 64),
             projection_dim=proj.shape[0] if proj is not None else width,
             hidden_act="quick_gelu" if quick_gelu else "gelu")
@@ -187,11 +176,6 @@ class PickScore(RewardModel):
         image = F.normalize(self.clip.visual_projection(out.pooler_output).float(), dim=-1)
         text = self.text_features(prompts, pixels.device, torch.float32)
         return self.clip.logit_scale.exp().float() * (image * text).sum(-1)
-
-    def _apply(self, fn, *a, **kw):
-        if hasattr(self, "text_features"):
-            self.text_features.clear()
-        return super()._apply(fn, *a, **kw)
 
 
 def load_pickscore(sd, folder_config=None) -> PickScore:

@@ -19,7 +19,7 @@ from transformers import BertTokenizerFast, BlipTextConfig, BlipVisionConfig, Bl
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
 from .base import PreferenceMLP, RewardModel, build_with_weights
-from .checkpoint import RewardModelError
+from .checkpoint import RewardModelError, count_indices
 
 MEAN = 0.16717362830052426  # official standardisation constants
 STD = 1.0333394966054072
@@ -41,11 +41,6 @@ _VIT_RENAMES = [  # BLIP/timm ViT names → transformers' BLIP vision names
 ]
 
 
-def _count(sd, pattern: str) -> int:
-    rx = re.compile(pattern)
-    return len({m.group(1) for k in sd for m in [rx.match(k)] if m})
-
-
 def configs_from_state_dict(sd):
     """transformers configs for the vision and text towers, from tensor shapes."""
     try:
@@ -54,7 +49,7 @@ def configs_from_state_dict(sd):
         n_pos = sd[_VIT + "pos_embed"].shape[1]
         vision = BlipVisionConfig(
             hidden_size=width, intermediate_size=sd[_VIT + "blocks.0.mlp.fc1.weight"].shape[0],
-            num_hidden_layers=_count(sd, re.escape(_VIT) + r"blocks\.(\d+)\."),
+            num_hidden_layers=count_indices(sd, re.escape(_VIT) + r"blocks\.(\d+)\."),
             num_attention_heads=width // 64, patch_size=patch,
             image_size=int(round((n_pos - 1) ** 0.5)) * patch,
             layer_norm_eps=1e-6, hidden_act="gelu")  # BLIP's ViT: LayerNorm eps 1e-6, exact GELU
@@ -64,7 +59,7 @@ def configs_from_state_dict(sd):
             vocab_size=words.shape[0], hidden_size=hidden,
             encoder_hidden_size=sd[_TXT + "encoder.layer.0.crossattention.self.key.weight"].shape[1],
             intermediate_size=sd[_TXT + "encoder.layer.0.intermediate.dense.weight"].shape[0],
-            num_hidden_layers=_count(sd, re.escape(_TXT) + r"encoder\.layer\.(\d+)\."),
+            num_hidden_layers=count_indices(sd, re.escape(_TXT) + r"encoder\.layer\.(\d+)\."),
             num_attention_heads=hidden // 64,
             max_position_embeddings=sd[_TXT + "embeddings.position_embeddings.weight"].shape[0],
             layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0,

@@ -39,7 +39,7 @@ def main() -> int:
     sys.path.insert(0, pkgs)
     from rewardtune.testing.comfy_host import (ComfyServer, make_custom_nodes_dir, prepare_comfy_import,
                                                write_extra_model_paths)
-    from rewardtune.testing.workflow import combined_example_prompt, ui_to_api
+    from rewardtune.testing.workflow import combined_example_prompt
 
     work = os.path.join(ROOT, ".rt", "demo")
     models = os.path.join(work, "models")
