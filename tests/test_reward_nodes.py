@@ -207,3 +207,20 @@ def test_official_imagereward_file_through_the_nodes(host, models_tree, reward_t
     scores = parse_scores(text)
     assert len(scores) == 2 and all(np.isfinite(scores))
     assert outputs["9"]["text"][0].endswith(f"kept 1: #{int(np.argmax(scores))} ({max(scores):.4f})")
+
+
+def test_cancel_stops_scoring_between_batches(host, reward_tree):
+    """ComfyUI's Cancel (the interrupt flag) is honoured between scoring batches."""
+    import comfy.model_management as mm
+    handle = host.node_classes["RewardTuneLoadRewardModel"].execute(
+        reward_tree["files"]["hpsv2"], "auto", "fp32", "(none)").args[0]
+    score = host.node_classes["RewardTuneScoreImages"]
+    images = torch.rand(4, 32, 32, 3)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            score.execute(handle, images, "a", False, 2, False)
+    finally:
+        mm.interrupt_current_processing(False)
+    out = score.execute(handle, images, "a", False, 2, False)
+    assert len(out.args[0]) == 4
