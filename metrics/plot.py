@@ -1,0 +1,66 @@
+"""The quality–diversity trade-off plot, drawn with Pillow (no plotting library needed)."""
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (higher is better on both)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str], *, x_label: str,
+                  y_label: str, title: str, width: int = 768, height: int = 512) -> Image.Image:
+    """Reward (y) against diversity (x), one labelled point per setting, Pareto front joined."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    small, big = _font(13), _font(16)
+    left, right, top, bottom = 78, width - 24, 40, height - 58
+    d.text((left, 10), title, fill="black", font=big)
+
+    def span(values):
+        lo, hi = min(values), max(values)
+        pad = (hi - lo) * 0.08 or max(abs(hi) * 0.05, 1e-3)
+        return lo - pad, hi + pad
+
+    x0, x1 = span(diversity)
+    y0, y1 = span(reward)
+    px = lambda v: left + (v - x0) / (x1 - x0) * (right - left)
+    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)
+    d.rectangle([left, top, right, bottom], outline="black")
+    for t in _ticks(x0, x1):
+        d.line([px(t), bottom, px(t), bottom + 5], fill="black")
+        d.line([px(t), top, px(t), bottom], fill=(232, 232, 232))
+        d.text((px(t) - 18, bottom + 8), f"{t:.3g}", fill="black", font=small)
+    for t in _ticks(y0, y1):
+        d.line([left - 5, py(t), left, py(t)], fill="black")
+        d.line([left, py(t), right, py(t)], fill=(232, 232, 232))
+        d.text((6, py(t) - 7), f"{t:.3g}", fill="black", font=small)
+    d.text(((left + right) // 2 - 6 * len(x_label) // 2, height - 26), x_label, fill="black", font=small)
+    d.text((6, top - 18), y_label, fill="black", font=small)
+    front = pareto_front(list(zip(diversity, reward)))
+    if len(front) > 1:
+        d.line([(px(diversity[i]), py(reward[i])) for i in front], fill=(200, 60, 40), width=2)
+    for i, (x, y, name) in enumerate(zip(diversity, reward, labels)):
+        on = i in front
+        r = 6 if on else 4
+        d.ellipse([px(x) - r, py(y) - r, px(x) + r, py(y) + r], fill=(200, 60, 40) if on else (60, 90, 160))
+        d.text((px(x) + 8, py(y) - 16), name, fill="black", font=small)
+    d.text((right - 150, top + 6), "● Pareto front", fill=(200, 60, 40), font=small)
+    return img
