@@ -83,6 +83,20 @@ class DinoEmbedder(Embedder):
         return self.vit(pixels)
 
 
+class HFVitEmbedder(Embedder):
+    """A transformers ViTModel (e.g. the facebook/dino-vits16 folder): the final LayerNorm's CLS."""
+
+    name = "dino"
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit, self.size = vit, vit.config.image_size
+
+    def features(self, pixels):
+        return self.vit(pixel_values=pixels).last_hidden_state[:, 0]
+
+
 class ClipEmbedder(Embedder):
     """Projected CLIP image embedding (transformers' CLIP vision tower or ComfyUI's CLIP_VISION)."""
 
@@ -123,6 +137,16 @@ def load_embedder(path: str | None = None, clip_vision=None) -> Embedder:
                             clip_vision.image_mean, clip_vision.image_std).eval()
     if path is None:
         return PixelEmbedder()
+    config = read_folder_config(path)
+    if config is not None and config.get("model_type") in ("vit", "dinov2"):
+        # an HF folder: transformers reads it (and maps older key names) itself, offline
+        from transformers import AutoModel
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        try:
+            vit = AutoModel.from_pretrained(folder, local_files_only=True, add_pooling_layer=False)
+        except Exception as e:
+            raise RewardModelError(f"cannot load the ViT folder {folder}: {e}") from e
+        return HFVitEmbedder(vit.eval().requires_grad_(False))
     sd = read_state_dict(path)
     if "cls_token" in sd and "blocks.0.attn.qkv.weight" in sd:
         return dino_from_state_dict(sd).eval()

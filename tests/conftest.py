@@ -105,3 +105,13 @@ def imagereward_oracle():
     with open(os.path.join(out, "cases.json"), encoding="utf-8") as f:
         cases = json.load(f)
     return {"dir": out, "weights": os.path.join(out, "ImageReward.pt"), "cases": cases}
+
+
+@pytest.fixture(scope="session")
+def vitl14_clip_vision(reward_tree):
+    """A full-size random OpenAI CLIP ViT-L/14 vision file in the clip_vision folder (the smallest
+    CLIP ComfyUI's own Load CLIP Vision detects)."""
+    from rewardtune.testing import reward_fixtures as rf
+    name = "rt_vitl14_full.safetensors"
+    rf.write_clip_vitl14_vision(os.path.join(reward_tree["clip_dir"], name), seed=21)
+    return {"name": name, "path": os.path.join(reward_tree["clip_dir"], name)}

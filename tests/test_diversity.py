@@ -123,3 +123,21 @@ def test_dino_file_equals_timm(tmp_path):
         expected = ref(clip_pixels(images.movedim(-1, 1), 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
     assert emb.embed(images, batch_size=2).shape == (3, 384)
     assert (emb.embed(images) - expected).abs().max() <= 1e-4
+
+
+def test_hf_vit_folder_equals_transformers(tmp_path):
+    """A transformers ViT folder (the layout of facebook/dino-vits16) embeds as ViTModel's CLS."""
+    from transformers import ViTConfig, ViTModel
+    from rewardtune.rewards.preprocess import clip_pixels
+    from rewardtune.testing.reward_fixtures import perturb_
+    torch.manual_seed(1)
+    cfg = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256,
+                    image_size=224, patch_size=16)
+    ref = perturb_(ViTModel(cfg, add_pooling_layer=False), 1)
+    ref.save_pretrained(tmp_path / "dino-vits16")
+    emb = load_embedder(str(tmp_path / "dino-vits16" / "model.safetensors"))
+    images = torch.rand(2, 200, 260, 3)
+    with torch.no_grad():
+        px = clip_pixels(images.movedim(-1, 1), 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        expected = ref(pixel_values=px).last_hidden_state[:, 0]
+    assert (emb.embed(images) - expected).abs().max() <= 1e-4

@@ -135,3 +135,36 @@ def test_example_workflows_run_over_http(reward_tree, server, models_tree):
     assert entry["status"]["status_str"] == "success", entry["status"]
     texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
     assert any("1 - mean cosine" in t for t in texts)
+
+
+def test_clip_vision_embedder_equals_file(host, vitl14_clip_vision):
+    """Diversity on ComfyUI's own CLIP_VISION equals the same file loaded as an embedder."""
+    import torch
+    from rewardtune.metrics import cosine_diversity
+    from rewardtune.metrics.embedders import load_embedder
+    from rewardtune.testing import reward_fixtures as rf
+    import folder_paths
+    images = rf.test_images(seed=30, size=(200, 240), n=4)
+    for i, im in enumerate(images):
+        im.save(os.path.join(folder_paths.get_input_directory(), f"rt_div_{i}.png"))
+    prompt = {"1": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": vitl14_clip_vision["name"]}},
+              "2": {"class_type": "RewardTuneLoadDiversityEmbedder",
+                    "inputs": {"embedder_name": "pixels (no model)", "clip_vision": ["1", 0]}},
+              "3": {"class_type": "RewardTuneLoadDiversityEmbedder", "inputs": {"embedder_name": vitl14_clip_vision["name"]}}}
+    batch = None
+    for i in range(4):
+        prompt[f"i{i}"] = {"class_type": "LoadImage", "inputs": {"image": f"rt_div_{i}.png"}}
+        if batch is None:
+            batch = [f"i{i}", 0]
+        else:
+            prompt[f"b{i}"] = {"class_type": "ImageBatch", "inputs": {"image1": batch, "image2": [f"i{i}", 0]}}
+            batch = [f"b{i}", 0]
+    prompt["4"] = {"class_type": "RewardTuneDiversityScore", "inputs": {"images": batch, "images_per_prompt": 2, "embedder": ["2", 0]}}
+    prompt["5"] = {"class_type": "RewardTuneDiversityScore", "inputs": {"images": batch, "images_per_prompt": 2, "embedder": ["3", 0]}}
+    out = host.run(prompt)
+    via_comfy = float(re.search(r"1 - mean cosine: ([\d.]+)", out["4"]["text"][0]).group(1))
+    via_file = float(re.search(r"1 - mean cosine: ([\d.]+)", out["5"]["text"][0]).group(1))
+    lib = cosine_diversity(load_embedder(vitl14_clip_vision["path"]).embed(rf.pil_to_comfy(images)), per_group=2).value
+    assert via_file == pytest.approx(lib, abs=1e-4) and via_comfy == pytest.approx(lib, abs=2e-4)
+    assert "CLIP_VISION" in out["4"]["text"][0] and lib > 0
+    assert torch.isfinite(torch.tensor(lib))

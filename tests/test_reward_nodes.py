@@ -103,13 +103,11 @@ def test_generate_score_and_keep_best(host, models_tree, reward_tree, kind):
     assert len(captioned) == 4 and not np.array_equal(captioned[0], images[0].numpy())
 
 
-def test_aesthetic_with_comfy_clip_vision_equals_file_path(host, models_tree, reward_tree, tmp_path):
+def test_aesthetic_with_comfy_clip_vision_equals_file_path(host, models_tree, reward_tree, vitl14_clip_vision):
     """A CLIP_VISION from ComfyUI's Load CLIP Vision (real ViT-L/14 size, the only sizes its
     loader detects) gives the same scores as the same file loaded by RewardTune."""
     from rewardtune.testing import reward_fixtures as rf
-    cv = os.path.join(reward_tree["clip_dir"], "rt_vitl14_full.safetensors")
-    if not os.path.exists(cv):
-        rf.write_clip_vitl14_vision(cv, seed=21)
+    cv = vitl14_clip_vision["path"]
     images = rf.test_images(seed=22, size=(240, 200), n=2)
     import folder_paths
     for i, im in enumerate(images):
