@@ -31,8 +31,9 @@ def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str]
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     small, big = _font(13), _font(16)
-    left, right, top, bottom = 78, width - 24, 40, height - 58
-    d.text((left, 10), title, fill="black", font=big)
+    # Pillow's default font has no glyphs beyond Latin-1: keep the labels ASCII
+    left, right, top, bottom = 78, width - 24, 58, height - 58
+    d.text((left, 8), title, fill="black", font=big)
 
     def span(values):
         lo, hi = min(values), max(values)
@@ -53,7 +54,7 @@ def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str]
         d.line([left, py(t), right, py(t)], fill=(232, 232, 232))
         d.text((6, py(t) - 7), f"{t:.3g}", fill="black", font=small)
     d.text(((left + right) // 2 - 6 * len(x_label) // 2, height - 26), x_label, fill="black", font=small)
-    d.text((6, top - 18), y_label, fill="black", font=small)
+    d.text((6, top - 26), y_label, fill="black", font=small)
     front = pareto_front(list(zip(diversity, reward)))
     if len(front) > 1:
         d.line([(px(diversity[i]), py(reward[i])) for i in front], fill=(200, 60, 40), width=2)
@@ -62,5 +63,6 @@ def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str]
         r = 6 if on else 4
         d.ellipse([px(x) - r, py(y) - r, px(x) + r, py(y) + r], fill=(200, 60, 40) if on else (60, 90, 160))
         d.text((px(x) + 8, py(y) - 16), name, fill="black", font=small)
-    d.text((right - 150, top + 6), "● Pareto front", fill=(200, 60, 40), font=small)
+    d.ellipse([right - 112, 12, right - 102, 22], fill=(200, 60, 40))  # legend, above the axes
+    d.text((right - 96, 9), "Pareto front", fill=(200, 60, 40), font=small)
     return img

@@ -135,9 +135,9 @@ class QualityDiversitySweep(io.ComfyNode):
             steps=steps, cfg_base=cfg_base, cfg_tuned=cfg_tuned, sampler_name=sampler_name, scheduler=scheduler,
             width=width, height=height, on_progress=on_progress)
         plot = tradeoff_plot([r["diversity"] for r in rows], [r["reward_mean"] for r in rows],
-                             [r["point"] for r in rows], x_label=f"diversity (1 − mean cosine, {handle.name})",
+                             [r["point"] for r in rows], x_label=f"diversity (1 - mean cosine, {handle.name})",
                              y_label=f"reward ({reward_model.model.label})",
-                             title=f"Quality–diversity: {len(texts)} prompt(s) × {images_per_prompt} seeds, {steps} steps")
+                             title=f"Quality-diversity: {len(texts)} prompt(s) x {images_per_prompt} seeds, {steps} steps")
         image = torch.from_numpy(np.asarray(plot, dtype=np.float32) / 255.0)[None]
         table = json.dumps(rows, indent=1)
         text = "\n".join(f"{r['point']:>12}: reward {r['reward_mean']:.4f} ± {r['reward_std']:.4f}, diversity "

@@ -8,7 +8,9 @@
 4. queues it over HTTP, waits for /history, and writes the images plus a base | combined | tuned
    strip to the output folder,
 5. runs ``example_workflows/best_of_n.json`` the same way with a tiny random reward model in the
-   official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output).
+   official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output),
+6. runs ``example_workflows/quality_diversity_sweep.json``: reward vs diversity for k = 0, 4, 6, 8
+   of 8 steps (``quality_diversity/`` in the output: the plot).
 """
 from __future__ import annotations
 
@@ -90,6 +92,16 @@ def main() -> int:
         if run_best_of_n(srv, info, server_dir, os.path.basename(ckpt), os.path.basename(reward),
                          os.path.join(out_dir, "best_of_n"), args.size) != 0:
             return 1
+        if run_workflow(srv, info, server_dir, "quality_diversity_sweep.json", {
+                ("CheckpointLoaderSimple", "ckpt_name"): os.path.basename(ckpt),
+                ("LoraLoader", "lora_name"): os.path.basename(lora),
+                ("RewardTuneLoadRewardModel", "reward_model"): os.path.basename(reward),
+                ("RewardTuneQualityDiversitySweep", "steps"): 8,
+                ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 4, 6, 8",
+                ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 3,
+                ("RewardTuneQualityDiversitySweep", "width"): 64,
+                ("RewardTuneQualityDiversitySweep", "height"): 64}, os.path.join(out_dir, "quality_diversity")) != 0:
+            return 1
     from PIL import Image, ImageDraw
     order = [r for r in ("base", "combined", "tuned") if r in rows]
     if order != ["base", "combined", "tuned"]:
@@ -112,19 +124,24 @@ def main() -> int:
 
 
 def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) -> int:
-    from rewardtune.testing.workflow import ui_to_api
-    with open(os.path.join(ROOT, "example_workflows", "best_of_n.json"), encoding="utf-8") as f:
-        workflow = json.load(f)
-    prompt = ui_to_api(workflow, info, {
+    return run_workflow(srv, info, server_dir, "best_of_n.json", {
         ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name,
         ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
-        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("KSampler", "steps"): 20})
+        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("KSampler", "steps"): 20}, out_dir)
+
+
+def run_workflow(srv, info, server_dir, name, replace, out_dir) -> int:
+    """Queue a shipped example workflow (with tiny-model names swapped in), copy its images."""
+    from rewardtune.testing.workflow import ui_to_api
+    with open(os.path.join(ROOT, "example_workflows", name), encoding="utf-8") as f:
+        workflow = json.load(f)
+    prompt = ui_to_api(workflow, info, replace)
     t0 = time.time()
     entry = srv.wait(srv.queue(prompt), timeout=600)
     if entry["status"].get("status_str") != "success":
-        print(f"[demo] the best-of-N workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}")
+        print(f"[demo] {name} failed: {json.dumps(entry['status'], indent=1)[:4000]}")
         return 1
-    print(f"[demo] best-of-N workflow ran in {time.time() - t0:.1f}s", flush=True)
+    print(f"[demo] {name} ran in {time.time() - t0:.1f}s", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     for node_out in entry["outputs"].values():
         for img in node_out.get("images", []):
@@ -133,6 +150,8 @@ def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) 
             src = os.path.join(base, img["subfolder"], img["filename"])
             shutil.copyfile(src, os.path.join(out_dir, img["filename"]))
         for text in node_out.get("text", []):
+            if text.lstrip().startswith(("[", "{")):
+                continue  # the JSON table (shown by Preview as Text); the node's own text says the same
             print("[demo] " + text.replace("\n", "\n[demo]   "))
     return 0
 
