@@ -1,0 +1,216 @@
+"""Training engine (library level, tiny models on CPU): loss terms, schedule constants, the loop
+end to end with ReFL and ImageReFL, saved LoRA == in-memory model, resume, atomic saves, bad input."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from rewardtune.testing.comfy_host import prepare_comfy_import
+
+prepare_comfy_import(cpu=True)
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.sd  # noqa: E402
+
+from rewardtune.testing import tiny_models as tm  # noqa: E402
+from rewardtune.trainers.config import ConfigError, TrainConfig  # noqa: E402
+from rewardtune.trainers.engine import TrainingError, load_checkpoint, reward_from_model, train  # noqa: E402
+from rewardtune.trainers.atomic import atomic_write  # noqa: E402
+from rewardtune.trainers.objectives import ddpm_step, eps_mse, imagerefl_loss, refl_loss  # noqa: E402
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_setup():
+    patcher = tm.tiny_model_patcher(seed=0)
+    # an identity path keeps the random UNet's predictions sane over many steps
+    patcher.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) + a["input"])
+    vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
+    return patcher, vae
+
+
+def encode(text):
+    return tm.tiny_conditioning(sum(map(ord, text)) % 997)
+
+
+W = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def pattern_reward(images, prompts):
+    """An analytic differentiable reward: correlation of the image with a fixed pattern."""
+    return (images * W).mean(dim=(1, 2, 3)) * 10
+
+
+def small(**kw):
+    base = dict(objective="refl", steps=2, batch_size=2, grad_accum=1, lr=1e-2, rank=4, alpha=4.0, num_steps=10,
+                refl_stop_min=6, refl_stop_max=9, imagerefl_start=6, imagerefl_tf_min=6, imagerefl_tf_max=9,
+                width=64, height=64, cfg=2.0, save_every=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def real_images(n=3):
+    g = torch.Generator().manual_seed(4)
+    return [(torch.rand(64, 64, 3, generator=g), f"caption {i}") for i in range(n)]
+
+
+# ------------------------------------------------------------------------------ loss terms
+def test_loss_terms_by_hand():
+    x, x0 = torch.tensor([2.0]), torch.tensor([0.5])
+    s, sp, z = torch.tensor(2.0), torch.tensor(1.0), torch.tensor([0.3])
+    # mean = x0 + (1/4)(x − x0) = 0.875; std = 1·√(4 − 1)/2
+    assert ddpm_step(x, x0, s, sp, z).item() == pytest.approx(0.875 + math.sqrt(3) / 2 * 0.3)
+    assert ddpm_step(x, x0, s, torch.tensor(0.0), z).item() == 0.5
+    r = torch.tensor([1.0, 3.0])
+    assert refl_loss(r, 2.0, 1e-3).item() == pytest.approx(1e-3 * (1.0 + 0.0) / 2)
+    assert imagerefl_loss(torch.tensor(4.0), r, 1e-3, 1e-2).item() == pytest.approx(1e-3 * (0.04 - 2.0))
+    # x0-form MSE equals the ε-prediction MSE
+    lat, eps, sig = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.tensor([0.5, 2.0])
+    x = lat + sig.view(-1, 1, 1, 1) * eps
+    eps_pred = eps + 0.1 * torch.randn_like(eps)
+    x0_pred = x - sig.view(-1, 1, 1, 1) * eps_pred
+    assert eps_mse(x0_pred, lat, sig).item() == pytest.approx(((eps_pred - eps) ** 2).mean().item(), rel=1e-5)
+
+
+def test_schedule_constants_match_the_paper():
+    """40-step DDPM grid (ddim_uniform): index 30 is t≈226, σ≈0.635 for SD1.5 (ImageReFL §3/§4)."""
+    import comfy.supported_models
+    model = tm.build_unet_model(comfy.supported_models.SD15, tm.TINY_UNET, 0)
+    ms = model.model_sampling
+    sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", 40)
+    cfg = TrainConfig()
+    assert len(sigmas) == 41 and float(sigmas[-1]) == 0.0
+    assert cfg.imagerefl_start == 30 and (cfg.imagerefl_tf_min, cfg.imagerefl_tf_max) == (30, 39)
+    assert (cfg.refl_stop_min, cfg.refl_stop_max) == (30, 39)
+    assert float(sigmas[30]) == pytest.approx(0.635, abs=0.01)
+    assert int(round(float(ms.timestep(sigmas[30])))) in range(220, 232)
+    assert (cfg.loss_scale, cfg.mse_weight, cfg.num_steps, cfg.cfg) == (1e-3, 1e-2, 40, 7.5)
+
+
+def test_config_validation_and_json():
+    cfg = small()
+    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    for bad, msg in ((dict(rank=0), "rank"), (dict(lr=0.0), "learning rate"), (dict(lr=-1e-3), "learning rate"),
+                     (dict(refl_stop_max=10), "stop window"), (dict(objective="dpo"), "objective"),
+                     (dict(width=65), "multiples of 8"), (dict(objective="imagerefl", imagerefl_start=8), "ImageReFL")):
+        with pytest.raises(ConfigError, match=msg):
+            small(**bad).validate()
+    with pytest.raises(ConfigError, match="unknown training settings: nope"):
+        TrainConfig.from_json('{"nope": 1}')
+
+
+# --------------------------------------------------------------------------- the loop
+@pytest.mark.parametrize("objective", ["refl", "imagerefl"])
+def test_runs_end_to_end_with_a_reward_model(objective, reward_tree, tmp_path):
+    """A tiny random reward model from the reward library (HPSv2 layout) drives both objectives."""
+    from rewardtune.rewards import load_reward_model
+    patcher, vae = tiny_setup()
+    reward = reward_from_model(load_reward_model(os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"])))
+    cfg = small(objective=objective, refl_every=2 if objective == "imagerefl" else 0, grad_accum=2)
+    result = train(patcher, vae, reward, cfg, encode=encode, prompts=["a cat", "a dog"], images=real_images(),
+                   out_dir=str(tmp_path))
+    assert result.step == 2 and len(result.history) == 2
+    for h in result.history:
+        assert all(math.isfinite(v) for v in h.values() if isinstance(v, float))
+    if objective == "imagerefl":
+        assert "mse" in result.history[0] and "regulariser_reward" in result.history[1]
+    assert any(a.lora_down.weight.abs().sum() > 0 for a in result.lora.adapters.values())
+    assert os.path.exists(tmp_path / "lora.safetensors") and os.path.exists(tmp_path / "checkpoint.pt")
+    # the graph's model is untouched
+    assert not patcher.weight_wrapper_patches
+
+
+def _sample(model, seed=11):
+    lat = torch.zeros(2, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, seed)
+    return comfy.sample.sample(model, noise, 6, 2.0, "euler", "normal", encode("held"), encode(""), lat, seed=seed)
+
+
+def test_saved_lora_loads_in_comfy_and_equals_the_tuned_model(tmp_path):
+    patcher, vae = tiny_setup()
+    result = train(patcher, vae, pattern_reward, small(steps=3, lr=5e-2), encode=encode, prompts=["p", "q"],
+                   out_dir=str(tmp_path))
+    lora_sd = comfy.utils.load_torch_file(result.lora_path, safe_load=True)
+    loaded, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, 1.0, 0.0)  # what LoraLoader calls
+    a, b, base = _sample(result.model), _sample(loaded), _sample(patcher)
+    assert (a - b).abs().max() <= 1e-5
+    assert (a - base).abs().max() > 1e-4  # the LoRA does something
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    patcher, vae = tiny_setup()
+    full = train(patcher, vae, pattern_reward, small(steps=4), encode=encode, prompts=["p", "q", "r"],
+                 out_dir=str(tmp_path / "full"))
+    half = train(patcher, vae, pattern_reward, small(steps=2), encode=encode, prompts=["p", "q", "r"],
+                 out_dir=str(tmp_path / "half"))
+    assert half.step == 2
+    resumed = train(patcher, vae, pattern_reward, small(steps=4), encode=encode, prompts=["p", "q", "r"],
+                    out_dir=str(tmp_path / "half"), resume=str(tmp_path / "half" / "checkpoint.pt"))
+    assert resumed.step == 4
+    for k, v in full.lora.state_dict().items():
+        assert torch.equal(v, resumed.lora.state_dict()[k]), k
+    assert [h["reward"] for h in full.history] == [h["reward"] for h in resumed.history]
+
+
+def test_stop_request_saves_and_returns(tmp_path):
+    patcher, vae = tiny_setup()
+    calls = []
+    result = train(patcher, vae, pattern_reward, small(steps=50, save_every=100), encode=encode, prompts=["p"],
+                   out_dir=str(tmp_path), should_stop=lambda: len(calls) >= 2, on_step=calls.append)
+    assert result.stopped and result.step == 2
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 2
+
+
+def test_nan_reward_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    patcher, vae = tiny_setup()
+    train(patcher, vae, pattern_reward, small(steps=1), encode=encode, prompts=["p"], out_dir=str(tmp_path))
+    before = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    nan_reward = lambda images, prompts: pattern_reward(images, prompts) * float("nan")
+    with pytest.raises(TrainingError, match="reward returned NaN"):
+        train(patcher, vae, nan_reward, small(steps=3), encode=encode, prompts=["p"], out_dir=str(tmp_path),
+              resume=str(tmp_path / "checkpoint.pt"))
+    after = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert after["step"] == before["step"] == 1
+    with pytest.raises(ConfigError, match="at least one prompt"):
+        train(patcher, vae, pattern_reward, small(), encode=encode, prompts=[])
+    with pytest.raises(ConfigError, match="real images"):
+        train(patcher, vae, pattern_reward, small(objective="imagerefl"), encode=encode, prompts=["p"])
+
+
+def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
+    """SIGKILL a process that rewrites a 40 MB checkpoint in a loop: the file always loads."""
+    path = tmp_path / "checkpoint.pt"
+    script = (
+        "import sys, torch\n"
+        "sys.path.insert(0, sys.argv[2])\n"
+        "from rewardtune.trainers.atomic import atomic_write\n"
+        "i = 0\n"
+        "while True:\n"
+        "    state = {'step': i, 'w': torch.full((10_000_000,), float(i))}\n"
+        "    atomic_write(sys.argv[1], lambda tmp: torch.save(state, tmp))\n"
+        "    i += 1\n")
+    import rewardtune
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(rewardtune.__file__)))
+    for delay in (0.6, 1.1, 1.7):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path), parent])
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if path.exists():
+            state = torch.load(path, weights_only=True)
+            assert torch.all(state["w"] == state["step"])
+    assert path.exists()
+    atomic_write(str(path), lambda tmp: torch.save({"step": -1}, tmp))
+    assert torch.load(path, weights_only=True)["step"] == -1
+    # a training run in that folder clears the half-written leftovers
+    patcher, vae = tiny_setup()
+    train(patcher, vae, pattern_reward, small(steps=1), encode=encode, prompts=["p"], out_dir=str(tmp_path))
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]

@@ -1,0 +1,62 @@
+"""Trainable LoRA adapters on a ComfyUI MODEL, saved in the layout the core LoraLoader reads."""
+from __future__ import annotations
+
+import torch
+from comfy.weight_adapter.lora import LoRAAdapter
+
+from .atomic import atomic_write
+from .config import ConfigError
+
+
+class LoraSet:
+    """LoRA adapters (ComfyUI's own ``LoraDiff``) wrapped around the matching weights of a patcher.
+
+    ``lora_down`` starts at zero, so the tuned model starts equal to the base. ``alpha`` is kept
+    fixed (ComfyUI's trainer leaves it trainable; classic LoRA does not train it)."""
+
+    def __init__(self, patcher, rank: int, alpha: float, targets: list[str]):
+        self.adapters: dict[str, torch.nn.Module] = {}
+        for name, module in sorted(patcher.model.diffusion_model.named_modules(), key=lambda kv: kv[0]):
+            if not name.endswith(tuple(targets)) or not hasattr(module, "weight_function"):
+                continue
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.ndim != 2:
+                continue
+            adapter = LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+            adapter.lora_up.weight.requires_grad_(True)
+            adapter.lora_down.weight.requires_grad_(True)
+            adapter.alpha.requires_grad_(False)
+            adapter.to(weight.device)
+            patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", adapter)
+            self.adapters[name] = adapter
+        if not self.adapters:
+            raise ConfigError(f"no linear layer of this model matches the LoRA targets {targets}")
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """ComfyUI's LoRA layout: diffusion_model.<module>.lora_up/.lora_down/.alpha."""
+        sd = {}
+        for name, a in self.adapters.items():
+            key = f"diffusion_model.{name}"
+            sd[f"{key}.lora_up.weight"] = a.lora_up.weight.detach().float().cpu().contiguous()
+            sd[f"{key}.lora_down.weight"] = a.lora_down.weight.detach().float().cpu().contiguous()
+            sd[f"{key}.alpha"] = a.alpha.detach().float().cpu().reshape(())
+        return sd
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for name, a in self.adapters.items():
+            key = f"diffusion_model.{name}"
+            try:
+                a.lora_up.weight.copy_(sd[f"{key}.lora_up.weight"])
+                a.lora_down.weight.copy_(sd[f"{key}.lora_down.weight"])
+            except KeyError as e:
+                raise ConfigError(f"the checkpoint's LoRA lacks {e.args[0]} (other rank or targets?)") from e
+
+
+def save_lora(path: str, lora: LoraSet, metadata: dict[str, str] | None = None) -> None:
+    import safetensors.torch
+    sd = lora.state_dict()
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata=metadata or {}))
