@@ -196,18 +196,18 @@ def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
         "while True:\n"
         "    state = {'step': i, 'w': torch.full((10_000_000,), float(i))}\n"
         "    atomic_write(sys.argv[1], lambda tmp: torch.save(state, tmp))\n"
+        "    print(i, flush=True)\n"
         "    i += 1\n")
     import rewardtune
     parent = os.path.dirname(os.path.dirname(os.path.abspath(rewardtune.__file__)))
-    for delay in (0.6, 1.1, 1.7):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(path), parent])
+    for delay in (0.01, 0.07, 0.19, 0.33):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path), parent], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # the first save is done: now kill it at some point of a later one
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if path.exists():
-            state = torch.load(path, weights_only=True)
-            assert torch.all(state["w"] == state["step"])
-    assert path.exists()
+        state = torch.load(path, weights_only=True)
+        assert torch.all(state["w"] == state["step"])
     atomic_write(str(path), lambda tmp: torch.save({"step": -1}, tmp))
     assert torch.load(path, weights_only=True)["step"] == -1
     # a training run in that folder clears the half-written leftovers
