@@ -29,10 +29,17 @@ from rewardtune.trainers.objectives import ddpm_step, eps_mse, imagerefl_loss, r
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _sane_denoiser(apply, args):
+    """x0 = x/(1+σ²) (the ideal denoiser for unit-variance data) plus the random UNet's
+    correction: keeps a random tiny model's samples in the range the VAE decodes without
+    saturating, so rewards respond to the weights (a raw random UNet blows up over the steps)."""
+    x, sigma = args["input"], args["timestep"].view(-1, 1, 1, 1)
+    return x / (1 + sigma ** 2) + (apply(x, args["timestep"], **args["c"]) - x)
+
+
 def tiny_setup():
-    patcher = tm.tiny_model_patcher(seed=0)
-    # an identity path keeps the random UNet's predictions sane over many steps
-    patcher.set_model_unet_function_wrapper(lambda apply, a: apply(a["input"], a["timestep"], **a["c"]) + a["input"])
+    patcher = tm.tiny_model_patcher(seed=0, unit_scale=True)
+    patcher.set_model_unet_function_wrapper(_sane_denoiser)
     vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
     return patcher, vae
 
@@ -214,3 +221,60 @@ def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
     patcher, vae = tiny_setup()
     train(patcher, vae, pattern_reward, small(steps=1), encode=encode, prompts=["p"], out_dir=str(tmp_path))
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_a_step_along_the_gradient_raises_the_reward_at_fixed_noise():
+    """The gradient the engine back-propagates (reward ← VAE decode ← x0 ← LoRA) is the real one:
+    at fixed noise and stop step, moving the LoRA along it raises the reward, against it lowers
+    it, by about the first-order prediction."""
+    from rewardtune.trainers.engine import StepSampler, make_decoder
+    from rewardtune.trainers.lora import LoraSet
+    from rewardtune.trainers.objectives import StepContext, classic_refl_step
+    patcher, vae = tiny_setup()
+    torch.manual_seed(0)
+    tuned = patcher.clone()
+    tuned.model.requires_grad_(False)
+    lora = LoraSet(tuned, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for a in lora.adapters.values():
+            a.lora_down.weight.normal_(0, 0.05)
+    cfg = small(refl_stop_min=8, refl_stop_max=8, refl_weight=1.0)
+    decode = make_decoder(vae, tuned.model.latent_format)
+    sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def reward_at_fixed_noise(backward: bool) -> float:
+        gen = torch.Generator().manual_seed(7)
+        guider = comfy.samplers.CFGGuider(tuned)
+        guider.set_conds([[torch.cat([encode("a")[0][0], encode("b")[0][0]]), {}]],
+                         [[torch.cat([encode("")[0][0]] * 2), {}]])
+        guider.set_cfg(cfg.cfg)
+
+        def inside(model_wrap, sig, extra_args, n, latent):
+            ctx = StepContext(model_wrap, sig, extra_args, model_wrap.inner_model.model_sampling, decode, gen)
+            loss, metrics = classic_refl_step(ctx, n, ["a", "b"], pattern_reward, cfg)
+            if backward:
+                loss.backward()
+            return metrics["reward"]
+        sampler = StepSampler(inside)
+        guider.sample(noise, torch.zeros_like(noise), sampler, sigmas, seed=0)
+        return sampler.out
+
+    params = lora.parameters()
+    r0 = reward_at_fixed_noise(True)
+    grads = [p.grad.clone() for p in params]
+    g2 = sum(float((g ** 2).sum()) for g in grads)
+    assert g2 > 0 and math.isfinite(g2)
+    changes = {}
+    for sign in (+1, -1):
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.sub_(sign * 10.0 * g)  # sign +1: down the loss = up the reward
+        changes[sign] = reward_at_fixed_noise(False) - r0
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(sign * 10.0 * g)
+    assert changes[+1] > 0 > changes[-1], changes
+    # loss = mean over the batch of ReLU(λ − r): d(mean r) = 2·10·|∇loss|²·(batch 2)/2 to first order
+    predicted = 10.0 * g2 * 2
+    assert 0.2 * predicted < changes[+1] < 5 * predicted, (changes, predicted)
