@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..rewards.base import build_with_weights
+from ..rewards.base import ParamModule, build_with_weights
 from ..rewards.checkpoint import RewardModelError, count_indices, read_folder_config, read_state_dict
 from ..rewards.preprocess import CLIP_MEAN, CLIP_STD, as_rgb_bchw, clip_pixels
 
@@ -16,7 +16,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class Embedder(nn.Module):
+class Embedder(ParamModule):
     """``embed(images)`` → (N, D) float32 on the CPU. Images: ComfyUI IMAGE (B, H, W, C) in [0, 1]."""
 
     name = "embedder"
@@ -24,20 +24,6 @@ class Embedder(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-    @property
-    def device(self):
-        p = next(self.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-
-    @device.setter
-    def device(self, _value):  # ComfyUI's ModelPatcher records it; ours is read from the weights
-        pass
-
-    @property
-    def dtype(self):
-        p = next(self.parameters(), None)
-        return p.dtype if p is not None else torch.float32
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 16, on_batch=None) -> torch.Tensor:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.utils
 import folder_paths
 
-from ..rewards.checkpoint import RewardModelError, WEIGHT_SUFFIXES
+from ..rewards.checkpoint import RewardModelError
+from ..rewards.in_comfy import managed, progress_hook, register_model_folder
 from .embedders import Embedder, PixelEmbedder, load_embedder
 
 FOLDER = "diversity_models"
@@ -17,11 +17,7 @@ PIXELS = "pixels (no model)"
 
 
 def register_folder() -> None:
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    paths, exts = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))
-    if default not in paths:
-        paths.insert(0, default)
-    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(WEIGHT_SUFFIXES))
+    register_model_folder(FOLDER)
 
 
 def embedder_files() -> list[str]:
@@ -37,14 +33,7 @@ class EmbedderHandle:
     def embed(self, images, batch_size: int = 16, progress: bool = False):
         if self.patcher is not None:
             mm.load_models_gpu([self.patcher])
-        bar = comfy.utils.ProgressBar(images.shape[0]) if progress else None
-
-        def on_batch(done, total):
-            if bar is not None:
-                bar.update_absolute(done, total)
-            mm.throw_exception_if_processing_interrupted()
-
-        return self.embedder.embed(images, batch_size=batch_size, on_batch=on_batch)
+        return self.embedder.embed(images, batch_size=batch_size, on_batch=progress_hook(images.shape[0], progress))
 
 
 PIXEL_HANDLE = EmbedderHandle(PixelEmbedder(), None, "pixels")
@@ -62,6 +51,4 @@ def load(name: str, clip_vision=None) -> EmbedderHandle:
                 "folders. Put DINO ViT-S/16 (dino_deitsmall16_pretrain.pth) in models/diversity_models, or use a "
                 "CLIP vision file, or choose 'pixels (no model)'")
     embedder = load_embedder(path, clip_vision)
-    patcher = comfy.model_patcher.ModelPatcher(embedder, load_device=mm.get_torch_device(),
-                                               offload_device=mm.unet_offload_device())
-    return EmbedderHandle(embedder, patcher, "CLIP_VISION" if clip_vision is not None else os.path.basename(name))
+    return EmbedderHandle(embedder, managed(embedder), "CLIP_VISION" if clip_vision is not None else os.path.basename(name))

@@ -88,7 +88,27 @@ def _rebuild_buffer(name: str, buf: torch.Tensor, full: str) -> torch.Tensor:
     raise RewardModelError(f"internal: do not know how to rebuild buffer {full}")
 
 
-class RewardModel(nn.Module):
+class ParamModule(nn.Module):
+    """A module whose device and dtype are those of its weights (CPU/float32 without weights).
+    ComfyUI's ModelPatcher assigns ``model.device`` when it moves a model; the value is read from
+    the weights instead, so the assignment is accepted and ignored."""
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    @device.setter
+    def device(self, _value) -> None:
+        pass
+
+    @property
+    def dtype(self) -> torch.dtype:
+        p = next(self.parameters(), None)
+        return p.dtype if p is not None else torch.float32
+
+
+class RewardModel(ParamModule):
     """A differentiable reward. Subclasses implement ``_score_pixels``.
 
     ``score`` takes ComfyUI IMAGE tensors (B, H, W, C) in [0, 1] (or BCHW with
@@ -109,20 +129,6 @@ class RewardModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.label = self.kind
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @device.setter
-    def device(self, _value) -> None:
-        # ComfyUI's ModelPatcher records the device it moved the model to; ours is read from
-        # the parameters, so the record is not needed.
-        pass
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def preprocess(self, images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
         x = as_rgb_bchw(images, layout).to(self.device, torch.float32)

@@ -200,10 +200,6 @@ class Aesthetic(RewardModel):
         if mean is not None:
             self.mean, self.std = tuple(mean), tuple(std)
 
-    @property
-    def dtype(self):
-        return next(self.image_encoder.parameters()).dtype
-
     def _score_pixels(self, pixels, prompts):
         emb = F.normalize(self.image_encoder(pixels).float(), dim=-1)
         return self.mlp(emb.to(self.mlp.layers[0].weight.dtype)).float().squeeze(-1)

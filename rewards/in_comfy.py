@@ -22,16 +22,34 @@ FOLDER = "reward_models"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
+def register_model_folder(folder: str) -> None:
+    """models/<folder> for weight files, keeping any paths extra_model_paths.yaml already added."""
+    default = os.path.join(folder_paths.models_dir, folder)
+    paths, exts = folder_paths.folder_names_and_paths.get(folder, ([], set()))
+    if default not in paths:
+        paths.insert(0, default)
+    folder_paths.folder_names_and_paths[folder] = (paths, set(exts) | set(WEIGHT_SUFFIXES))
+
+
 def register_reward_folder() -> None:
-    """models/reward_models, keeping any paths extra_model_paths.yaml already added."""
-    default = os.path.join(folder_paths.models_dir, FOLDER)
-    if FOLDER in folder_paths.folder_names_and_paths:
-        paths, exts = folder_paths.folder_names_and_paths[FOLDER]
-        if default not in paths:
-            paths.insert(0, default)
-        folder_paths.folder_names_and_paths[FOLDER] = (paths, set(exts) | set(WEIGHT_SUFFIXES))
-    else:
-        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(WEIGHT_SUFFIXES))
+    register_model_folder(FOLDER)
+
+
+def managed(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """A patcher so ComfyUI's model management loads and offloads ``module`` like its own models."""
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def progress_hook(total: int, show: bool = True):
+    """``on_batch(done, total)`` for the libraries: a progress bar, and Cancel between batches."""
+    bar = comfy.utils.ProgressBar(total) if show else None
+
+    def on_batch(done, total):
+        if bar is not None:
+            bar.update_absolute(done, total)
+        mm.throw_exception_if_processing_interrupted()
+    return on_batch
 
 
 def reward_files() -> list[str]:
@@ -84,7 +102,7 @@ def load_reward(name: str, reward_type: str = "auto", precision: str = "auto", c
     offload = mm.unet_offload_device()
     model = load_reward_model(path, reward_type, clip_vision=clip_vision, clip_vision_path=clip_path,
                               device=offload, dtype=_dtype(precision, load_device))
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload)
+    patcher = managed(model)
     return RewardHandle(model, patcher, os.path.basename(name))
 
 
@@ -98,14 +116,9 @@ def score_images(handle: RewardHandle, images: torch.Tensor, prompts: list[str],
                  batch_size: int = 8) -> torch.Tensor:
     """Scores (B,) on the CPU, with a progress bar and interrupt between batches."""
     model = handle.load()
-    bar = comfy.utils.ProgressBar(images.shape[0])
-
-    def on_batch(done, total):
-        bar.update_absolute(done, total)
-        mm.throw_exception_if_processing_interrupted()
-
     with torch.no_grad():
-        return model.score(images.to(model.device), prompts, batch_size=batch_size, on_batch=on_batch).cpu()
+        return model.score(images.to(model.device), prompts, batch_size=batch_size,
+                           on_batch=progress_hook(images.shape[0])).cpu()
 
 
 def rank(scores: torch.Tensor, top_k: int) -> list[int]:

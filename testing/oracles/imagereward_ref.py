@@ -173,7 +173,7 @@ def dump(args):
 def bench(args):
     torch.set_num_threads(args.threads)
     model = build(args.med_config, args.device)
-    model.load_state_dict(torch.load(args.weights, map_location="cpu"), strict=True)
+    model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True), strict=True)
     model.to(args.device)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)) for _ in range(args.batch)]
