@@ -36,11 +36,7 @@ def load_reward_model(path: str, reward_type: str = "auto", *, clip_vision_path:
             "aesthetic predictor, load the MLP head (sac+logos+ava1-l14-linearMSE.pth) and pick this "
             "file as its CLIP model")
     wanted = found if reward_type == "auto" else reward_type
-    if wanted.startswith("hpsv2"):
-        wanted_family = "hpsv2"
-    else:
-        wanted_family = wanted
-    if found != wanted_family:
+    if found != ("hpsv2" if wanted.startswith("hpsv2") else wanted):  # hpsv2.1 is the hpsv2 architecture
         raise RewardModelError(
             f"{os.path.basename(path)} looks like a {found} model, not {wanted}. "
             f"Set the reward type to auto or {found}, or pick {OFFICIAL_FILES[wanted]}")
