@@ -135,6 +135,33 @@ def test_runs_end_to_end_with_a_reward_model(objective, reward_tree, tmp_path):
     assert not patcher.weight_wrapper_patches
 
 
+def brightness(images, prompts):
+    """The issue's analytic differentiable reward: mean brightness of the decoded image."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def held_out_brightness(model, vae) -> float:
+    """Mean brightness of 4 samples from seeds, a prompt and a sampler (euler) never trained on."""
+    lat = torch.zeros(4, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(lat, 1234)
+    out = comfy.sample.sample(model, noise, 10, 2.0, "euler", "normal", encode("held out prompt"), encode(""), lat,
+                              seed=1234)
+    return float(vae.decode(out).mean())
+
+
+@pytest.mark.parametrize("objective", ["refl", "imagerefl"])
+def test_training_raises_a_held_out_reward(objective):
+    """40 optimizer steps on brightness raise it on held-out seeds and a held-out prompt (measured:
+    0.375 → 0.421 for ReFL, → 0.406 for ImageReFL)."""
+    patcher, vae = tiny_setup()
+    before = held_out_brightness(patcher, vae)
+    result = train(patcher, vae, brightness, small(objective=objective, steps=40, save_every=1000), encode=encode,
+                   prompts=["a cat", "a dog"], images=real_images(4))
+    after = held_out_brightness(result.model, vae)
+    assert after > before + 0.015, (before, after)
+    assert held_out_brightness(patcher, vae) == before  # the graph's model is unchanged
+
+
 def _sample(model, seed=11):
     lat = torch.zeros(2, 4, 8, 8)
     noise = comfy.sample.prepare_noise(lat, seed)
