@@ -22,6 +22,7 @@ import comfy.sd  # noqa: E402
 
 from rewardtune.testing import tiny_models as tm  # noqa: E402
 from rewardtune.trainers.config import ConfigError, TrainConfig  # noqa: E402
+from rewardtune.trainers.data import examples_from_graph, load_examples  # noqa: E402
 from rewardtune.trainers.engine import TrainingError, load_checkpoint, reward_from_model, train  # noqa: E402
 from rewardtune.trainers.atomic import atomic_write  # noqa: E402
 from rewardtune.trainers.objectives import ddpm_step, eps_mse, imagerefl_loss, refl_loss  # noqa: E402
@@ -66,7 +67,7 @@ def small(**kw):
 
 def real_images(n=3):
     g = torch.Generator().manual_seed(4)
-    return [(torch.rand(64, 64, 3, generator=g), f"caption {i}") for i in range(n)]
+    return examples_from_graph(torch.rand(n, 64, 64, 3, generator=g), [f"caption {i}" for i in range(n)], 64, 64)
 
 
 # ------------------------------------------------------------------------------ loss terms
@@ -305,3 +306,62 @@ def test_a_step_along_the_gradient_raises_the_reward_at_fixed_noise():
     # loss = mean over the batch of ReLU(λ − r): d(mean r) = 2·10·|∇loss|²·(batch 2)/2 to first order
     predicted = 10.0 * g2 * 2
     assert 0.2 * predicted < changes[+1] < 5 * predicted, (changes, predicted)
+
+
+# ------------------------------------------------------------------------ memory options
+def _one_step_grads(patcher, vae, **kw):
+    result = train(patcher, vae, brightness, small(steps=1, lr=1e-9, **kw), encode=encode, prompts=["p"])
+    return {n: a.lora_down.weight.grad.clone() for n, a in result.lora.adapters.items()}  # lora_up's is 0 at start
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients():
+    """With checkpointing the blocks run again in the backward pass (that is what frees their
+    activations), the LoRA gradients are unchanged, and the blocks are restored afterwards."""
+    patcher, vae = tiny_setup()
+    unet = patcher.model.diffusion_model
+    block = unet.output_blocks[0][0]  # a ResBlock: checkpointed as a whole
+    calls = []
+    handle = block.out_layers.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    try:
+        plain = _one_step_grads(patcher, vae)
+        n_plain = len(calls)
+        calls.clear()
+        ckpt = _one_step_grads(patcher, vae, grad_checkpointing=True)
+    finally:
+        handle.remove()
+    assert len(calls) == n_plain + 1 and calls.count(True) == 2  # the graph-building forward runs again in backward
+    for name, g in plain.items():
+        assert torch.allclose(g, ckpt[name], rtol=1e-5, atol=1e-9), name
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    assert not [m for m in unet.modules() if "forward" in m.__dict__]
+
+
+def test_fp16_uses_a_grad_scaler_and_resumes_it(tmp_path):
+    patcher, vae = tiny_setup()
+    result = train(patcher, vae, brightness, small(steps=2, precision="fp16"), encode=encode, prompts=["p"],
+                   out_dir=str(tmp_path))
+    assert result.step == 2 and all(math.isfinite(h["reward"]) for h in result.history)
+    state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert state["scaler"]["scale"] > 0
+    resumed = train(patcher, vae, brightness, small(steps=3, precision="fp16"), encode=encode, prompts=["p"],
+                    out_dir=str(tmp_path), resume=str(tmp_path / "checkpoint.pt"))
+    assert resumed.step == 3
+
+
+def test_imagerefl_trains_from_an_image_folder_with_aspect_buckets(tmp_path):
+    """The usual LoRA dataset layout: images of two shapes with same-named .txt captions; each
+    batch comes from one aspect bucket, so wide and tall latents both reach the step."""
+    from PIL import Image
+    folder = tmp_path / "data"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(2)
+    for i, (w, h) in enumerate([(96, 48), (100, 50), (48, 96), (50, 100)]):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(f"a {'wide' if w > h else 'tall'} picture\n")
+    buckets = load_examples(str(folder), 64, 64, bucket_step=16)  # even latents for the tiny UNet
+    assert len(buckets) == 2 and all(h != w for h, w in buckets)
+    patcher, vae = tiny_setup()
+    result = train(patcher, vae, brightness, small(objective="imagerefl", steps=6, batch_size=2), encode=encode,
+                   images=buckets)
+    assert result.step == 6 and all(math.isfinite(h["mse"]) for h in result.history)

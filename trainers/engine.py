@@ -2,6 +2,9 @@
 
     result = train(model, vae, reward, config, prompts=..., images=..., encode=..., out_dir=...)
 
+``images`` are the aspect buckets ``data.load_examples`` (a folder of images with .txt captions)
+or ``data.examples_from_graph`` (an IMAGE batch) return.
+
 ``model`` is a ComfyUI MODEL (ModelPatcher); it is cloned and LoRA adapters are added to the
 clone, so the graph's model is never changed. ``encode(prompt) -> CONDITIONING`` turns captions
 into conditioning (a CLIP's ``encode_from_tokens_scheduled``). ``reward(images, prompts)`` returns
@@ -21,9 +24,14 @@ import comfy.model_management as mm
 import comfy.samplers
 
 from .config import ConfigError, TrainConfig
+from .data import BatchSampler, Example
 from .atomic import atomic_write
+from .checkpointing import gradient_checkpointing
 from .lora import LoraSet, save_lora
 from .objectives import StepContext, classic_refl_step, imagerefl_step, randint
+
+
+MAX_SKIPPED_FP16_STEPS = 20
 
 
 class TrainingError(RuntimeError):
@@ -84,9 +92,11 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
 
 
 def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.Generator, config: TrainConfig,
-                    history: list[dict]) -> None:
+                    history: list[dict], scaler=None) -> None:
     state = {"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": _rng_state(gen), "config": config.to_json(), "history": json.dumps(history)}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -98,7 +108,7 @@ def load_checkpoint(path: str) -> dict:
 
 
 def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable, prompts: list[str] | None = None,
-          images: list[tuple[torch.Tensor, str]] | None = None, out_dir: str | None = None,
+          images: dict[tuple[int, int], list[Example]] | None = None, out_dir: str | None = None,
           resume: str | None = None, should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     cfg = config.validate()
@@ -129,10 +139,14 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         step, history = int(state["step"]), json.loads(state["history"])
 
     # --- data: real latents encoded once (no grad); conditioning cached per caption
-    latents = []
-    for img, caption in images or []:
+    # (``images``: {(h, w): [Example]} from data.load_examples / examples_from_graph; a batch
+    # never mixes sizes)
+    latents = {}
+    for size, examples in (images or {}).items():
         with torch.no_grad():
-            latents.append((vae.encode(img[None, ..., :3]).cpu(), caption))
+            latents[size] = [Example(vae.encode(ex.image[None, ..., :3]).cpu(), ex.caption, ex.source)
+                             for ex in examples]
+    batches = BatchSampler(latents, cfg.batch_size, gen) if latents else None
     cond_cache: dict[str, list] = {}
 
     def cond(text):
@@ -162,7 +176,8 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         guider = comfy.samplers.CFGGuider(tuned)
         guider.set_conds(positive, neg)
         guider.set_cfg(cfg.cfg)
-        shape = (len(texts), latent_format.latent_channels, cfg.height // 8, cfg.width // 8)
+        shape = latent.shape if latent is not None else (len(texts), latent_format.latent_channels,
+                                                        cfg.height // 8, cfg.width // 8)
         noise = torch.randn(shape, generator=gen)
         base_latent = latent if latent is not None else torch.zeros(shape)
 
@@ -177,7 +192,8 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
             if not torch.isfinite(loss):
                 raise TrainingError(f"the {kind} loss is {loss.item()} at step {step + 1} (the reward returned "
                                     f"NaN/inf, or the model diverged); lower the learning rate. The last checkpoint is kept.")
-            (loss / cfg.grad_accum).backward()
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler else scaled).backward()
             return metrics
 
         sampler = StepSampler(inside)
@@ -185,44 +201,63 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         return sampler.out
 
     # --- the loop
+    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    if resume and scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    skipped = 0
     stopped = False
-    while step < cfg.steps:
-        if should_stop is not None and should_stop():
-            stopped = True
-            break
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        metrics: dict = {}
-        for _ in range(cfg.grad_accum):
-            if cfg.objective == "refl":
+    with gradient_checkpointing(tuned.model.diffusion_model, cfg.grad_checkpointing):
+        while step < cfg.steps:
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            t0 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            metrics: dict = {}
+            for _ in range(cfg.grad_accum):
+                if cfg.objective == "refl":
+                    texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
+                    m = run_step("refl", texts, None)
+                else:
+                    picks = batches.next()
+                    m = run_step("imagerefl", [p.caption for p in picks], torch.cat([p.image for p in picks]))
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
+            if cfg.objective == "imagerefl" and cfg.refl_every and (step + 1) % cfg.refl_every == 0:
                 texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
                 m = run_step("refl", texts, None)
+                metrics.update({f"regulariser_{k}": v for k, v in m.items()})
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if torch.isfinite(grad_norm):
+                skipped = 0
+            elif scaler is None:
+                raise TrainingError(f"the gradient norm is {grad_norm.item()} at step {step + 1}; lower the learning rate "
+                                    "or use fp32/bf16. The last checkpoint is kept.")
+            else:  # an fp16 overflow: the scaler skips this update and lowers its scale
+                skipped += 1
+                if skipped >= MAX_SKIPPED_FP16_STEPS:
+                    raise TrainingError(f"fp16 gradients overflowed {skipped} steps in a row (up to step {step + 1}); "
+                                        "use bf16 or fp32, or lower the learning rate. The last checkpoint is kept.")
+            if scaler is not None:
+                scaler.step(optimizer)  # once per accumulation cycle
+                scaler.update()
             else:
-                picks = [latents[randint(gen, 0, len(latents) - 1)] for _ in range(cfg.batch_size)]
-                m = run_step("imagerefl", [c for _, c in picks], torch.cat([lat for lat, _ in picks]))
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
-        if cfg.objective == "imagerefl" and cfg.refl_every and (step + 1) % cfg.refl_every == 0:
-            texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
-            m = run_step("refl", texts, None)
-            metrics.update({f"regulariser_{k}": v for k, v in m.items()})
-        grad_norm = torch.nn.utils.clip_grad_norm_(lora.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise TrainingError(f"the gradient norm is {grad_norm.item()} at step {step + 1}; lower the learning rate "
-                                "or use fp32/bf16. The last checkpoint is kept.")
-        optimizer.step()  # once per accumulation cycle
-        step += 1
-        metrics.update(step=step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
-        history.append(metrics)
-        if on_step is not None:
-            on_step(metrics)
-        if ckpt_path and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history)
+                optimizer.step()  # once per accumulation cycle
+            step += 1
+            metrics.update(step=step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            if ckpt_path and (step % cfg.save_every == 0 or step == cfg.steps):
+                save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
 
     lora_path = None
     if out_dir:
         if ckpt_path and (stopped or step % cfg.save_every):
-            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history)
+            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
         lora_path = os.path.join(out_dir, "lora.safetensors")
         save_lora(lora_path, lora, {"rewardtune_config": cfg.to_json(), "rewardtune_step": str(step)})
     return TrainResult(tuned, lora, step, history, stopped, lora_path)

@@ -1,0 +1,49 @@
+"""Gradient checkpointing for a ComfyUI diffusion model, switched on for the length of a run.
+
+Every block of the model's top-level block lists (the layers of a UNet's ``input_blocks``,
+``middle_block`` and ``output_blocks``, a DiT's ``blocks``…) keeps only its inputs during the forward pass and recomputes its activations
+in the backward pass: activation memory drops from all blocks to about one block, for roughly one
+extra forward. Only forwards that build a graph are checkpointed; no-grad and inference-mode calls
+(the no-grad denoise, other prompts sampling from the same model meanwhile) run as before. The
+blocks are restored when the run ends, so the graph's model is left as it was.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.utils.checkpoint
+
+
+def _blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units to checkpoint. A UNet's blocks are ``TimestepEmbedSequential``s whose layers
+    the UNet calls one by one (their own forward is never called), so for a Sequential its layers
+    (ResBlock, SpatialTransformer…) are the units."""
+    blocks = [b for child in diffusion_model.children() if isinstance(child, torch.nn.ModuleList) for b in child]
+    middle = getattr(diffusion_model, "middle_block", None)
+    blocks += [middle] if isinstance(middle, torch.nn.Module) else []
+    return [layer for b in blocks for layer in (b if isinstance(b, torch.nn.Sequential) else [b])]
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
+    if not enabled:
+        yield []
+        return
+    patched = []
+    for block in _blocks(diffusion_model):
+        if "forward" in block.__dict__:  # already wrapped (a nested run): leave it
+            continue
+        forward = block.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+        block.forward = checkpointed
+        patched.append(block)
+    try:
+        yield patched
+    finally:
+        for block in patched:
+            del block.forward
