@@ -90,3 +90,14 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
         return cls(**data).validate()
+
+
+# settings a resumed run may change: how long it runs and how often it saves
+RESUMABLE_CHANGES = ("steps", "save_every")
+
+
+def resume_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
+    """The settings that differ between a checkpoint's config and a run that wants to resume it
+    (other than ``RESUMABLE_CHANGES``): resuming across them would silently train something else."""
+    a, b = asdict(saved), asdict(new)
+    return [f"{k}: {a[k]!r} → {b[k]!r}" for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]
