@@ -9,8 +9,9 @@ WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import RewardTuneExtension
+    from .nodes import RewardTuneExtension, add_routes
 
+    add_routes()
     return RewardTuneExtension()
 
 

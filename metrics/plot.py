@@ -66,3 +66,44 @@ def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str]
     d.ellipse([right - 112, 12, right - 102, 22], fill=(200, 60, 40))  # legend, above the axes
     d.text((right - 96, 9), "Pareto front", fill=(200, 60, 40), font=small)
     return img
+
+
+def curve_plot(steps: list[float], values: list[float], *, title: str, y_label: str, width: int = 640,
+               height: int = 360) -> Image.Image:
+    """A training curve (values against steps) with a 10-step running mean, drawn with Pillow."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    small, big = _font(13), _font(16)
+    left, right, top, bottom = 78, width - 24, 44, height - 48
+    d.text((left, 8), title, fill="black", font=big)
+    d.rectangle([left, top, right, bottom], outline="black")
+    if not values:
+        d.text((left + 12, top + 12), "no steps yet", fill="gray", font=small)
+        return img
+    x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
+    y_lo, y_hi = min(values), max(values)
+    pad = (y_hi - y_lo) * 0.08 or max(abs(y_hi) * 0.05, 1e-3)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+
+    def xy(x, y):
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
+    for t in _ticks(y_lo, y_hi):
+        _, py = xy(x_lo, t)
+        d.line([left - 4, py, left, py], fill="black")
+        d.text((4, py - 7), f"{t:.4g}", fill="black", font=small)
+    for t in _ticks(x_lo, x_hi):
+        px, _ = xy(t, y_lo)
+        d.line([px, bottom, px, bottom + 4], fill="black")
+        d.text((px - 10, bottom + 6), f"{t:.0f}", fill="black", font=small)
+    d.text(((left + right) // 2 - 14, height - 20), "step", fill="black", font=small)
+    d.text((4, top - 18), y_label, fill="black", font=small)
+    raw = [xy(x, y) for x, y in zip(steps, values)]
+    if len(raw) > 1:
+        d.line(raw, fill=(170, 190, 230), width=1)
+    smooth = [sum(values[max(0, i - 9):i + 1]) / len(values[max(0, i - 9):i + 1]) for i in range(len(values))]
+    pts = [xy(x, y) for x, y in zip(steps, smooth)]
+    if len(pts) > 1:
+        d.line(pts, fill=(30, 80, 200), width=2)
+    else:
+        d.ellipse([pts[0][0] - 3, pts[0][1] - 3, pts[0][0] + 3, pts[0][1] + 3], fill=(30, 80, 200))
+    return img

@@ -50,7 +50,9 @@ def make_custom_nodes_dir(root: str) -> str:
 
 def write_extra_model_paths(path: str, models_root: str, custom_nodes: str | None = None) -> str:
     """An extra_model_paths.yaml registering a models tree (and optionally a custom_nodes folder)."""
-    lines = ["rewardtune_test:", f"  base_path: {models_root}",
+    # is_default: this tree comes first, so files the pack writes (trained LoRAs) land in it, not
+    # in the shared ComfyUI install
+    lines = ["rewardtune_test:", f"  base_path: {models_root}", "  is_default: true",
              "  checkpoints: checkpoints", "  loras: loras", "  vae: vae", "  vae_approx: vae_approx",
              "  diffusion_models: diffusion_models", "  clip_vision: clip_vision", "  reward_models: reward_models"]
     if custom_nodes:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 
 def atomic_write(path: str, write) -> None:
@@ -9,7 +10,7 @@ def atomic_write(path: str, write) -> None:
     the previous file or the new one, never a torn file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"  # per thread: job.json has two writers
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -1,0 +1,1 @@
+"""Background training jobs and their HTTP routes."""

@@ -1,0 +1,174 @@
+"""The glue between the trainer nodes, the job manager and the engine: what a job needs from the
+graph's live objects, how it trains on ComfyUI's models from a worker thread, and how a LoRA
+comes back into the graph as a MODEL."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sd
+import comfy.utils
+
+from ..trainers.config import RESUMABLE_CHANGES, TrainConfig
+from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
+from .manager import Job, JobError, JobSpec, fingerprint, get_manager
+
+
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def own_interrupts():
+    """Keep ComfyUI's process-wide interrupt flag away from the training thread.
+
+    ComfyUI checks (and clears) that one flag inside every op (``comfy.ops.run_every_op``) and in
+    CLIP encoding. A job training on its own thread would therefore swallow the Cancel meant for
+    the prompt in the foreground: the prompt runs on and the job dies. So the check is wrapped,
+    once, to do nothing on a thread inside this context (every other thread is unaffected); the
+    job stops through its own cancel event instead, and a *wait* node turns the flag into that
+    event from the executing thread (``wait``)."""
+    check = mm.throw_exception_if_processing_interrupted
+    if not getattr(check, "_rewardtune", False):
+        def throw_exception_if_processing_interrupted():
+            if not getattr(_THREAD, "training", False):
+                check()
+        throw_exception_if_processing_interrupted._rewardtune = True
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    _THREAD.training = True
+    try:
+        yield
+    finally:
+        _THREAD.training = False
+
+
+def make_trainable(module: torch.nn.Module) -> None:
+    """Replace the module's inference tensors (ComfyUI loads models under ``inference_mode``) with
+    ordinary copies: autograd refuses to save inference tensors for backward, and frozen weights
+    are saved (the gradient of x in x·Wᵀ needs W). Done on the worker thread, in place, once."""
+    with torch.inference_mode(False):
+        for name, p in list(module.named_parameters()):
+            if p.is_inference():
+                comfy.utils.set_attr_param(module, name, p.detach())
+        for name, b in list(module.named_buffers()):
+            if b.is_inference():
+                comfy.utils.set_attr_buffer(module, name, b.clone())
+
+
+def _weights_digest(module: torch.nn.Module | None) -> str:
+    """A content digest of a few of a model's weights: the same file gives the same value across
+    server restarts, where ComfyUI's object ids and patch uuids do not."""
+    if module is None:
+        return "none"
+    params = list(module.parameters())
+    picks = params[:3] + params[-3:]
+    h = hashlib.sha256(f"{type(module).__name__}:{len(params)}".encode())
+    for p in picks:
+        h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(model) -> dict:
+    patches = getattr(model, "patches", {}) or {}
+    strengths = sorted((k, tuple(round(float(p[0]), 6) for p in v)) for k, v in patches.items())
+    return {"weights": _weights_digest(model.model.diffusion_model), "patches": len(patches),
+            "strengths": hashlib.sha256(repr(strengths).encode()).hexdigest()[:12]}
+
+
+def images_identity(buckets) -> list:
+    out = []
+    for size, examples in sorted((buckets or {}).items()):
+        for ex in examples:
+            small = ex.image[::8, ::8].float().cpu().contiguous().numpy().tobytes()
+            out.append([list(size), ex.caption, hashlib.sha256(small).hexdigest()[:12]])
+    return out
+
+
+def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prompts, images, prompt=None) -> JobSpec:
+    # steps and save_every are left out: queueing the graph with more steps continues the same job
+    defining = {k: v for k, v in json.loads(config.to_json()).items() if k not in RESUMABLE_CHANGES}
+    fp = fingerprint(defining, model_identity(model), _weights_digest(vae.first_stage_model),
+                     _weights_digest(getattr(getattr(clip, "cond_stage_model", None), "transformer", None)
+                                     if clip is not None else None),
+                     reward.name, prompts, images_identity(images))
+
+    def run(job: Job) -> int:
+        manager = get_manager()
+        with own_interrupts(), torch.inference_mode(False), torch.enable_grad():
+            reward_model = reward.load()
+            for module in (model.model, vae.first_stage_model, reward_model):
+                make_trainable(module)
+            cfg = job.config
+
+            def on_step(metrics: dict) -> None:
+                job.report(metrics)
+                manager.notify("rewardtune.progress", {"id": job.id, "step": metrics["step"], "steps": cfg.steps,
+                                                       "metrics": metrics})
+
+            def encode(text: str):
+                return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+            resume = job.checkpoint if os.path.exists(job.checkpoint) else None
+            job.truncate_metrics(load_checkpoint(resume)["step"] if resume else 0)
+            result = train(model, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
+                           encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
+                           should_stop=job.cancel.is_set, on_step=on_step)
+            return result.step
+    return JobSpec(name, config, fp, run, prompt)
+
+
+def lora_from_checkpoint(job: Job) -> tuple[dict, int]:
+    """The newest LoRA weights of a job: its checkpoint (written every save_every steps)."""
+    if not os.path.exists(job.checkpoint):
+        raise JobError(f"job {job.id} has no checkpoint yet (state {job.state}, step {job.step}): wait for its "
+                       f"first save (every {job.config.save_every} steps)")
+    state = load_checkpoint(job.checkpoint)
+    return state["lora"], int(state["step"])
+
+
+def apply_lora(model, lora_sd: dict, strength: float = 1.0):
+    """The LoRA on a clone of ``model`` as weight patches, exactly what LoraLoader does (so the
+    Combined KSampler can use base and tuned side by side)."""
+    tuned, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0.0)
+    return tuned
+
+
+def publish_lora(job: Job, lora_sd: dict, tag: str = "") -> str:
+    """Write the LoRA into models/loras/rewardtune/ (atomically) and return its LoraLoader name."""
+    import safetensors.torch
+    from ..trainers.atomic import atomic_write
+    manager = get_manager()
+    file = f"{job.id}{tag}.safetensors"
+    atomic_write(os.path.join(manager.lora_dir, file),
+                 lambda tmp: safetensors.torch.save_file({k: v.contiguous() for k, v in lora_sd.items()}, tmp))
+    return f"rewardtune/{file}"
+
+
+def wait(job: Job, progress=None, poll: float = 0.1) -> None:
+    """Wait for the job on the executing node's thread: progress to the node's bar, and ComfyUI's
+    interrupt (the global flag, read only here) cancels this job and stops the prompt."""
+    try:
+        while not job.done.wait(poll):
+            mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
+            if progress is not None:
+                progress(job.step, job.config.steps)  # ComfyUI's progress hook may raise it too
+    except mm.InterruptProcessingException:
+        job.cancel.set()
+        job.done.wait()  # the job saves its checkpoint after the current step
+        raise
+    if progress is not None:
+        progress(job.step, job.config.steps)
+    if job.state == "failed":
+        raise TrainingError(f"training job {job.id} failed: {job.error}. Its last checkpoint is kept; fix the "
+                            "problem and queue the graph again to resume it.")
+
+
+def wait_until_started(job: Job, timeout: float = 5.0) -> None:
+    end = time.time() + timeout
+    while job.state == "queued" and time.time() < end:
+        time.sleep(0.02)

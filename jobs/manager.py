@@ -1,0 +1,334 @@
+"""Background training jobs: one manager per server, one job trains at a time, the rest wait.
+
+A job lives in a folder of its own under ComfyUI's output folder and survives a restart:
+
+    output/rewardtune/jobs/<job id>/
+        job.json          name, state, step, error, fingerprint, the prompt that started it
+        config.json       the TrainConfig
+        metrics.jsonl     one JSON line per optimizer step
+        checkpoint.pt     LoRA + optimizer + RNG (written atomically by the engine)
+        lora.safetensors  the final LoRA (also copied to models/loras/rewardtune/<job id>.safetensors)
+
+The job id is the job name plus a fingerprint of everything that defines the run (config, data,
+prompts, models): queueing the same graph again finds the same job and attaches to it (running),
+returns it (finished) or resumes it from its checkpoint (stopped, failed, interrupted by a server
+restart); a changed config gives another id, so a new job.
+
+Threads: the worker thread trains (outside inference mode, on its own copies of inference
+tensors); nodes and routes only read job state and set a job's own cancel event. ComfyUI's
+process-wide interrupt flag is never read here: a node in *wait* mode watches it on its own
+thread and cancels its job (see nodes/trainer.py).
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..trainers.atomic import atomic_write
+from ..trainers.config import TrainConfig
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$")
+STATES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
+ACTIVE = ("queued", "running")
+MAX_QUEUED = 4
+log = logging.getLogger("rewardtune.jobs")
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be served, with what to do about it."""
+
+
+def slug(name: str) -> str:
+    """A job name as the readable part of an id: letters, digits, - and _ only (no path tricks)."""
+    s = re.sub(r"[^A-Za-z0-9_-]+", "-", name.strip()).strip("-_")[:48]
+    if not s:
+        raise JobError(f"job name {name!r} has no letters or digits: give the job a name such as 'hps-run'")
+    return s
+
+
+def write_text(path: str, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def fingerprint(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:10]
+
+
+@dataclass
+class JobSpec:
+    """Everything one run needs. ``run(job)`` trains (calls the engine) and returns the final step;
+    it receives the job to read ``job.cancel`` and report with ``job.report(metrics)``."""
+    name: str
+    config: TrainConfig
+    fingerprint: str
+    run: Callable[["Job"], int]
+    prompt: dict | None = None                  # the API prompt that started it (shown in the panel)
+
+
+@dataclass
+class Job:
+    id: str
+    dir: str
+    name: str
+    config: TrainConfig
+    fingerprint: str
+    state: str = "queued"
+    step: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    prompt: dict | None = None
+    cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+    spec: JobSpec | None = field(default=None, repr=False)
+    last: dict = field(default_factory=dict)    # the newest metrics line
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ---- files
+    @property
+    def checkpoint(self) -> str:
+        return os.path.join(self.dir, "checkpoint.pt")
+
+    @property
+    def lora(self) -> str:
+        return os.path.join(self.dir, "lora.safetensors")
+
+    @property
+    def metrics_file(self) -> str:
+        return os.path.join(self.dir, "metrics.jsonl")
+
+    def status(self) -> dict:
+        return {"id": self.id, "name": self.name, "state": self.state, "step": self.step,
+                "steps": self.config.steps, "objective": self.config.objective, "error": self.error,
+                "created": self.created, "updated": self.updated, "last": self.last,
+                "has_checkpoint": os.path.exists(self.checkpoint), "config": json.loads(self.config.to_json())}
+
+    def save(self) -> None:
+        self.updated = time.time()
+        data = {k: v for k, v in self.status().items() if k not in ("has_checkpoint", "config", "last")}
+        data.update(fingerprint=self.fingerprint, prompt=self.prompt)
+        write_text(os.path.join(self.dir, "job.json"), json.dumps(data, indent=1))
+
+    def metrics(self, since: int = 0, limit: int = 1000) -> list[dict]:
+        """Metric lines with step > since, at most ``limit`` (the newest when there are more)."""
+        if not os.path.exists(self.metrics_file):
+            return []
+        with open(self.metrics_file, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        rows = [r for r in rows if r.get("step", 0) > since]
+        return rows[-limit:]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines after ``step``: a resumed run repeats the steps after its checkpoint."""
+        rows = self.metrics(limit=10 ** 9)
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if len(kept) != len(rows) or step == 0:
+            write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
+        self.step, self.last = step, (kept[-1] if kept else {})
+
+    def report(self, metrics: dict) -> None:
+        """Called by the run after every optimizer step."""
+        with self._lock:
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+            self.step, self.last = int(metrics["step"]), metrics
+
+
+class JobManager:
+    def __init__(self, root: str, lora_dir: str | None = None,
+                 notify: Callable[[str, dict], None] | None = None):
+        self.root, self.lora_dir = root, lora_dir
+        self.notify = notify or (lambda event, data: None)
+        self._jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        os.makedirs(root, exist_ok=True)
+        self._scan()
+
+    # ---- registry
+    def _scan(self) -> None:
+        """Jobs left on disk by an earlier server: listed; a job that was queued or running when the
+        server stopped is marked interrupted (resumable from its checkpoint)."""
+        for name in sorted(os.listdir(self.root)):
+            path = os.path.join(self.root, name, "job.json")
+            if not JOB_ID.match(name) or not os.path.exists(path):
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                config = TrainConfig.from_json(json.dumps(data["config"])) if "config" in data else \
+                    TrainConfig.from_json(open(os.path.join(self.root, name, "config.json"), encoding="utf-8").read())
+            except Exception as e:  # a damaged job folder must not stop the server from starting
+                log.warning("RewardTune: skipping job folder %s: %s", name, e)
+                continue
+            job = Job(name, os.path.join(self.root, name), data.get("name", name), config, data.get("fingerprint", ""),
+                      state=data.get("state", "interrupted"), step=int(data.get("step", 0)), error=data.get("error"),
+                      created=data.get("created", time.time()), prompt=data.get("prompt"))
+            rows = job.metrics(limit=1)
+            job.last = rows[-1] if rows else {}
+            job.step = max(job.step, int(job.last.get("step", 0)))
+            if job.state in ACTIVE:
+                job.state = "interrupted"
+                job.save()
+            if job.state not in ACTIVE:
+                job.done.set()
+            self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+            return None
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def jobs(self) -> list[Job]:
+        with self._lock:
+            return sorted(self._jobs.values(), key=lambda j: j.created, reverse=True)
+
+    def job_id(self, name: str, fp: str) -> str:
+        return f"{slug(name)}-{fp}"
+
+    # ---- start / attach / resume
+    def submit(self, spec: JobSpec) -> Job:
+        """Start the run, or attach to / resume the job with the same name and fingerprint."""
+        job_id = self.job_id(spec.name, spec.fingerprint)
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is not None and job.state in ACTIVE:
+                return job  # attach
+            if job is not None and job.state == "finished" and job.step >= spec.config.steps:
+                return job
+            waiting = sum(j.state == "queued" for j in self._jobs.values())
+            if waiting >= MAX_QUEUED:
+                raise JobError(f"{waiting} training jobs are already waiting: cancel one (RewardTune panel or "
+                               f"POST /rewardtune/jobs/<id>/cancel) or wait for them to finish")
+            if job is None:
+                job = Job(job_id, os.path.join(self.root, job_id), spec.name, spec.config, spec.fingerprint,
+                          prompt=spec.prompt)
+                os.makedirs(job.dir, exist_ok=True)
+                write_text(os.path.join(job.dir, "config.json"), spec.config.to_json())
+                self._jobs[job_id] = job
+            job.config, job.spec, job.state, job.error = spec.config, spec, "queued", None
+            job.cancel.clear()
+            job.done.clear()
+            job.save()
+            self._queue.put(job)
+            self._ensure_worker()
+        self._event(job)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Stop a job after its current step (a queued job never starts). Harmless on a job that
+        has already ended."""
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        job.cancel.set()
+        with self._lock:
+            if job.state == "queued":
+                job.state = "stopped"
+                job.save()
+                job.done.set()
+        self._event(job)
+        return job
+
+    # ---- the worker
+    def _ensure_worker(self) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            # daemon + an atexit hook that cancels: Ctrl-C still exits, and the running job saves first
+            self._worker = threading.Thread(target=self._work, name="rewardtune-trainer", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job.state != "queued":  # cancelled while waiting
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        job.state = "running"
+        job.save()
+        self._event(job)
+        try:
+            job.step = job.spec.run(job)
+            job.state = "stopped" if job.cancel.is_set() and job.step < job.config.steps else "finished"
+            if job.state == "finished":
+                self._publish_lora(job)
+        except Exception as e:  # the job fails; the server and the last checkpoint are kept
+            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
+            log.error("RewardTune job %s failed:\n%s", job.id, traceback.format_exc())
+        finally:
+            job.spec = None  # drop the live models
+            job.save()
+            job.done.set()
+            self._event(job)
+
+    def _publish_lora(self, job: Job) -> None:
+        if self.lora_dir and os.path.exists(job.lora):
+            os.makedirs(self.lora_dir, exist_ok=True)
+            dst = os.path.join(self.lora_dir, f"{job.id}.safetensors")
+            atomic_write(dst, lambda tmp: shutil.copyfile(job.lora, tmp))
+
+    def lora_name(self, job: Job) -> str:
+        """The name LoraLoader lists for the job's published LoRA."""
+        return f"rewardtune/{job.id}.safetensors"
+
+    def _event(self, job: Job) -> None:
+        try:
+            self.notify("rewardtune.job", job.status())
+        except Exception:  # the event loop may be gone at shutdown
+            pass
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel every job and wait for the running one to save its checkpoint."""
+        running = [j for j in self.jobs() if j.state in ACTIVE]
+        for j in running:
+            j.cancel.set()
+        for j in running:
+            j.done.wait(timeout)
+
+
+_MANAGER: JobManager | None = None
+_MANAGER_LOCK = threading.Lock()
+
+
+def get_manager() -> JobManager:
+    """The server's job manager, rooted in ComfyUI's output folder (created on first use)."""
+    global _MANAGER
+    with _MANAGER_LOCK:
+        if _MANAGER is None:
+            import folder_paths
+            root = os.path.join(folder_paths.get_output_directory(), "rewardtune", "jobs")
+            lora_dir = os.path.join(folder_paths.get_folder_paths("loras")[0], "rewardtune")
+            _MANAGER = JobManager(root, lora_dir, notify=_send_sync)
+            atexit.register(_MANAGER.shutdown)
+        return _MANAGER
+
+
+def _send_sync(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+        instance = getattr(PromptServer, "instance", None)
+        if instance is not None:
+            instance.send_sync(event, data)
+    except Exception:
+        pass

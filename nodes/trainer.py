@@ -1,0 +1,212 @@
+"""Node adapters for training: Train Reward LoRA (wait or background) and Load Trained LoRA."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..jobs import in_comfy as jobs
+from ..jobs.manager import JobError, get_manager
+from ..trainers.config import ConfigError, PRECISIONS, TrainConfig
+from ..trainers.presets import PRESETS, preset_config
+from .rewards import RewardModelType
+
+CATEGORY = "RewardTune/training"
+
+
+def _image(pil) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def curve(job) -> torch.Tensor:
+    from ..metrics.plot import curve_plot
+    rows = job.metrics(limit=100000)
+    return _image(curve_plot([r["step"] for r in rows], [r["reward"] for r in rows],
+                             title=f"{job.name}: reward during training ({job.config.objective})",
+                             y_label="s*(R+o)"))
+
+
+def summary(job, lora_name: str | None) -> str:
+    last = job.last or {}
+    lines = [f"job {job.id}: {job.state} at step {job.step}/{job.config.steps} ({job.config.objective})"]
+    if "reward" in last:
+        lines.append(f"last reward {last['reward']:+.4f}, grad norm {last.get('grad_norm', float('nan')):.3g}")
+    if job.error:
+        lines.append(f"error: {job.error}")
+    if lora_name:
+        lines.append(f"LoRA: {lora_name} (loras folder)")
+    lines.append(f"files: {job.dir}")
+    return "\n".join(lines)
+
+
+def _dataset(folder: str, images, captions: str, cfg: TrainConfig):
+    from ..trainers.data import examples_from_graph, load_examples
+    if images is not None:
+        lines = [c for c in (captions or "").splitlines() if c.strip()]
+        return examples_from_graph(images, lines or [""], cfg.width, cfg.height)
+    if folder.strip():
+        import folder_paths
+        path = folder.strip()
+        if not os.path.isabs(path):
+            path = os.path.join(folder_paths.get_input_directory(), path)
+        return load_examples(path, cfg.width, cfg.height)
+    return None
+
+
+class TrainRewardLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardTuneTrainLoRA",
+            display_name="Train Reward LoRA",
+            category=CATEGORY,
+            description="Fine-tunes LoRA weights on the model so the reward goes up (ReFL or ImageReFL). wait: runs "
+                        "the job and returns the tuned model (Cancel stops it and keeps the checkpoint). background: "
+                        "starts the job and returns at once; ComfyUI stays usable; use Load Trained LoRA for the "
+                        "newest checkpoint. Queueing the same graph again attaches to or resumes the job.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to tune (SD1.5 or SDXL UNet). It is not changed: the LoRA "
+                                                "is trained on a copy."),
+                io.Clip.Input("clip", tooltip="Encodes the prompts and captions."),
+                io.Vae.Input("vae", tooltip="Decodes (with gradients) for the reward; encodes ImageReFL's real images."),
+                RewardModelType.Input("reward_model", tooltip="From Load Reward Model: the reward to raise."),
+                io.String.Input("job_name", default="reward-lora",
+                                tooltip="Names the job, its folder (output/rewardtune/jobs) and the LoRA file."),
+                io.Combo.Input("mode", options=["wait", "background"], default="wait",
+                               tooltip="wait: this node runs until training ends. background: it returns at once "
+                                       "while the job trains; other prompts keep running."),
+                io.Combo.Input("preset", options=list(PRESETS), default=next(iter(PRESETS)),
+                               tooltip="Schedule constants and loss weights from the papers; the settings below "
+                                       "apply on top."),
+                io.Combo.Input("objective", options=["imagerefl", "refl"], default="imagerefl",
+                               tooltip="imagerefl: real images + captions (dataset) with the diffusion loss. refl: "
+                                       "classic ReFL from prompts."),
+                io.String.Input("prompts", multiline=True, default="",
+                                tooltip="ReFL prompts, one per line (# starts a comment). ImageReFL uses them only "
+                                        "for the optional ReFL regulariser."),
+                io.String.Input("dataset_folder", default="",
+                                tooltip="ImageReFL: a folder of images with same-named .txt captions (relative "
+                                        "paths are in ComfyUI's input folder). Ignored when images are connected."),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=3e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate of the LoRA weights."),
+                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
+                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per micro-batch."),
+                io.Int.Input("grad_accum", default=1, min=1, max=64,
+                             tooltip="Micro-batches per optimizer step (effective batch = batch_size × this)."),
+                io.Int.Input("width", default=512, min=64, max=2048, step=64, tooltip="Training width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=2048, step=64, tooltip="Training height in pixels."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                               tooltip="bf16 on recent GPUs; fp16 uses loss scaling; fp32 on the CPU."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute UNet activations in the backward pass: much less memory, ~30% slower."),
+                io.Int.Input("save_every", default=50, min=1, max=100_000,
+                             tooltip="Checkpoint every n steps (Load Trained LoRA reads the newest)."),
+                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                             tooltip="Seeds the noise, the stop steps and the LoRA initialisation."),
+                io.String.Input("config_json", multiline=True, default="", advanced=True,
+                                tooltip='Any other TrainConfig field as JSON, applied last, e.g. {"cfg": 5.0}.'),
+                io.Image.Input("images", optional=True,
+                               tooltip="ImageReFL: training images from the graph instead of a folder."),
+                io.String.Input("captions", multiline=True, default="", optional=True,
+                                tooltip="Captions for the connected images: one line for all, or one line per image."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (wait mode, or a "
+                                                                   "finished job); the input model while training in background."),
+                     io.String.Output(display_name="lora_name", tooltip="The LoRA's name in the loras folder (LoraLoader)."),
+                     io.String.Output(display_name="summary", tooltip="Job state, last reward, files."),
+                     io.Image.Output(display_name="curve", tooltip="Reward per step.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # never cached: every queue attaches to the job and reports its state
+
+    @classmethod
+    def execute(cls, model, clip, vae, reward_model, job_name, mode, preset, objective, prompts, dataset_folder,
+                steps, learning_rate, rank, batch_size, grad_accum, width, height, precision, gradient_checkpointing,
+                save_every, seed, config_json="", images=None, captions=""):
+        from ..trainers.data import parse_prompts
+        cfg = preset_config(preset, objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=float(rank),
+                            batch_size=batch_size, grad_accum=grad_accum, width=width, height=height,
+                            precision=precision, grad_checkpointing=gradient_checkpointing, save_every=save_every,
+                            seed=seed)
+        if config_json.strip():
+            try:
+                extra = json.loads(config_json)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config_json is not valid JSON ({e}): write it like {{\"cfg\": 5.0}}") from e
+            cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), **extra}))
+        cfg.validate()
+        prompt_list = parse_prompts(prompts) if prompts.strip() else None
+        data = _dataset(dataset_folder, images, captions, cfg) if cfg.objective == "imagerefl" else None
+        if cfg.objective == "imagerefl" and not data:
+            raise ConfigError("ImageReFL trains on real images: set dataset_folder or connect images")
+        spec = jobs.build_spec(job_name, cfg, model=model, vae=vae, clip=clip, reward=reward_model,
+                               prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
+        manager = get_manager()
+        job = manager.submit(spec)
+        if mode == "wait":
+            import comfy.utils
+            bar = comfy.utils.ProgressBar(cfg.steps, node_id=cls.hidden.unique_id)
+            jobs.wait(job, lambda step, total: bar.update_absolute(step, total))
+        if job.state == "finished":
+            lora_name = manager.lora_name(job)
+            lora_sd, _ = jobs.lora_from_checkpoint(job)
+            tuned = jobs.apply_lora(model, lora_sd)
+        else:
+            lora_name, tuned = manager.lora_name(job), model
+        text = summary(job, lora_name if job.state == "finished" else None)
+        if job.state != "finished":
+            text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
+        return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))
+
+
+class LoadTrainedLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RewardTuneLoadTrainedLoRA",
+            display_name="Load Trained LoRA",
+            category=CATEGORY,
+            description="The newest (or final) checkpoint of a training job as a MODEL, also while it still trains.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the job trained on."),
+                io.String.Input("job", default="reward-lora",
+                                tooltip="A job id, or a job name (its newest job). Listed in the RewardTune panel."),
+                io.Combo.Input("which", options=["newest", "final"], default="newest",
+                               tooltip="newest: the latest checkpoint, even mid-training. final: only a finished job."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="LoRA strength."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"),
+                     io.String.Output(display_name="lora_name", tooltip="The checkpoint as a file in the loras folder."),
+                     io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # the newest checkpoint changes while the job trains
+
+    @classmethod
+    def execute(cls, model, job, which, strength):
+        manager = get_manager()
+        found = manager.get(job.strip()) or next((j for j in manager.jobs() if j.name == job.strip()), None)
+        if found is None:
+            known = ", ".join(j.id for j in manager.jobs()[:10]) or "none yet"
+            raise JobError(f"no training job {job!r}; jobs: {known}")
+        if which == "final" and found.state != "finished":
+            raise JobError(f"job {found.id} is {found.state} at step {found.step}/{found.config.steps}: "
+                           "choose which = newest, or wait for it to finish")
+        lora_sd, step = jobs.lora_from_checkpoint(found)
+        tag = "" if found.state == "finished" and step >= found.config.steps else "-latest"
+        name = manager.lora_name(found) if not tag else jobs.publish_lora(found, lora_sd, tag)
+        text = summary(found, name) + f"\nloaded the checkpoint of step {step}"
+        return io.NodeOutput(jobs.apply_lora(model, lora_sd, strength), name, text, ui=ui.PreviewText(text))
+
+
+NODES = [TrainRewardLoRA, LoadTrainedLoRA]
