@@ -7,6 +7,12 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 # test-only reference packages (image-reward) in venvs of their own
 bash "$ROOT/scripts/oracles.sh"
+# Node.js runs the web panel's own tests (tests/web); Debian's package is enough
+if ! command -v node >/dev/null 2>&1; then
+  echo "[test] installing Node.js (apt-get install nodejs) for the web panel tests" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nodejs >/dev/null
+fi
 . "$ROOT/.rt/env.sh"
 cd "$ROOT"
 set +e

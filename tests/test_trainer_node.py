@@ -68,6 +68,11 @@ def test_nodes_and_routes_are_registered(trainer_server):
         for name, spec in info[node]["input"]["required"].items():
             assert spec[1].get("tooltip"), (node, name)
     assert isinstance(jobs(trainer_server), list)
+    # the panel's scripts are served to the browser
+    exts = trainer_server.get("/extensions")
+    assert any(e.endswith("/rewardtune.js") for e in exts) and any(e.endswith("/rewardtune_panel.js") for e in exts)
+    panel = trainer_server.get([e for e in exts if e.endswith("/rewardtune_panel.js")][0])
+    assert b"export class JobsPanel" in panel
 
 
 def test_background_job_trains_while_the_server_serves_and_the_lora_matches_loraloader(
