@@ -365,3 +365,27 @@ def test_imagerefl_trains_from_an_image_folder_with_aspect_buckets(tmp_path):
     result = train(patcher, vae, brightness, small(objective="imagerefl", steps=6, batch_size=2), encode=encode,
                    images=buckets)
     assert result.step == 6 and all(math.isfinite(h["mse"]) for h in result.history)
+
+
+def test_merged_lora_for_no_grad_calls_equals_the_wrappers_and_restores_them():
+    import comfy.model_management as mm
+    from rewardtune.trainers.lora import LoraSet
+    patcher, _ = tiny_setup()
+    torch.manual_seed(0)
+    tuned = patcher.clone()
+    lora = LoraSet(tuned, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    with torch.no_grad():
+        for a in lora.adapters.values():
+            a.lora_down.weight.normal_(0, 0.1)
+    mm.load_models_gpu([tuned])
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 3.0])
+    ctx = encode("a")[0][0].expand(2, -1, -1)
+    before = {n: (m.weight.data.clone(), list(m.weight_function)) for n, m in lora.modules.items()}
+    with torch.no_grad():
+        wrapped = tuned.model.apply_model(x, sigma, c_crossattn=ctx)
+        with lora.merged():
+            assert all(m.weight_function == [] for m in lora.modules.values())
+            merged = tuned.model.apply_model(x, sigma, c_crossattn=ctx)
+    assert torch.allclose(wrapped, merged, atol=1e-6), (wrapped - merged).abs().max()
+    for n, m in lora.modules.items():
+        assert torch.equal(m.weight.data, before[n][0]) and m.weight_function == before[n][1]

@@ -182,7 +182,8 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         base_latent = latent if latent is not None else torch.zeros(shape)
 
         def inside(model_wrap, sig, extra_args, noise_in, latent_in):
-            ctx = StepContext(model_wrap, sig, extra_args, model_wrap.inner_model.model_sampling, decode, gen)
+            ctx = StepContext(model_wrap, sig, extra_args, model_wrap.inner_model.model_sampling, decode, gen,
+                              lora.merged)
             with torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                                 enabled=cfg.precision != "fp32"):
                 if kind == "refl":

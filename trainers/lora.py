@@ -1,6 +1,8 @@
 """Trainable LoRA adapters on a ComfyUI MODEL, saved in the layout the core LoraLoader reads."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from comfy.weight_adapter.lora import LoRAAdapter
 
@@ -16,6 +18,7 @@ class LoraSet:
 
     def __init__(self, patcher, rank: int, alpha: float, targets: list[str]):
         self.adapters: dict[str, torch.nn.Module] = {}
+        self.modules: dict[str, torch.nn.Module] = {}
         for name, module in sorted(patcher.model.diffusion_model.named_modules(), key=lambda kv: kv[0]):
             if not name.endswith(tuple(targets)) or not hasattr(module, "weight_function"):
                 continue
@@ -29,8 +32,36 @@ class LoraSet:
             adapter.to(weight.device)
             patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", adapter)
             self.adapters[name] = adapter
+            self.modules[name] = module
         if not self.adapters:
             raise ConfigError(f"no linear layer of this model matches the LoRA targets {targets}")
+
+    @contextlib.contextmanager
+    def merged(self):
+        """For no-grad calls: each adapted weight merged once (W + (α/r)·up·down, by the module's
+        own weight functions) and the wrappers off, instead of ComfyUI re-merging on every call
+        (a copy of W and a matmul per layer per call, ~65% of the engine's overhead over bare
+        torch in benchmarks/bench_train.py). Use only while the patcher is loaded and no other
+        thread runs the same modules; everything is restored on exit."""
+        saved = []
+        try:
+            with torch.no_grad():
+                for module in self.modules.values():
+                    functions = list(getattr(module, "weight_function", []))
+                    if not functions:
+                        continue
+                    original = module.weight.data
+                    merged = original
+                    for f in functions:
+                        merged = f(merged)
+                    saved.append((module, original, functions))
+                    module.weight.data = merged.to(original.dtype)
+                    module.weight_function = []
+            yield
+        finally:
+            for module, original, functions in saved:
+                module.weight.data = original
+                module.weight_function = functions
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]

@@ -14,6 +14,7 @@ ComfyUI's ``ddim_uniform``), the raw noise and the process_latent_in'd latent. I
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,7 @@ class StepContext:
     model_sampling: object
     decode: Callable[[torch.Tensor], torch.Tensor]   # x0 (model space) -> images in [0, 1], BCHW
     generator: torch.Generator
+    frozen_weights: Callable = contextlib.nullcontext  # no-grad calls: the LoRA merged once (LoraSet.merged)
 
 
 def ddpm_step(x: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, sp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -50,7 +52,7 @@ def _sigma(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def denoise_no_grad(ctx: StepContext, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """DDPM steps from index ``start`` to ``stop`` (exclusive of the step at ``stop``), no graph."""
-    with torch.no_grad():
+    with torch.no_grad(), ctx.frozen_weights():
         for i in range(start, stop):
             s, sp = ctx.sigmas[i], ctx.sigmas[i + 1]
             x0 = ctx.model(x, _sigma(x, s), **ctx.extra_args)
