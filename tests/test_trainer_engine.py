@@ -389,3 +389,19 @@ def test_merged_lora_for_no_grad_calls_equals_the_wrappers_and_restores_them():
     assert torch.allclose(wrapped, merged, atol=1e-6), (wrapped - merged).abs().max()
     for n, m in lora.modules.items():
         assert torch.equal(m.weight.data, before[n][0]) and m.weight_function == before[n][1]
+
+
+def test_sdxl_checkpoint_trains_through_the_real_loader(host, models_tree, tmp_path):
+    """SDXL conditioning (pooled output, size embedding) goes through the same loop: one ReFL step
+    on the detectable tiny SDXL checkpoint, loaded by CheckpointLoaderSimple; the saved LoRA loads."""
+    model, _, vae = host.node_classes["CheckpointLoaderSimple"]().load_checkpoint(models_tree["sdxl"])[:3]
+
+    def encode_xl(text):
+        return tm.tiny_conditioning(sum(map(ord, text)) % 997, tokens=77, dim=2048, pooled=1280)
+    cfg = small(steps=1, num_steps=4, refl_stop_min=2, refl_stop_max=3, batch_size=2)
+    result = train(model, vae, brightness, cfg, encode=encode_xl, prompts=["a", "b"], out_dir=str(tmp_path))
+    assert result.step == 1 and math.isfinite(result.history[0]["reward"])
+    assert any(a.lora_down.weight.abs().sum() > 0 for a in result.lora.adapters.values())
+    lora_sd = comfy.utils.load_torch_file(result.lora_path, safe_load=True)
+    loaded, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0.0)
+    assert len(loaded.patches) == len(result.lora.adapters) == len(lora_sd) // 3  # every key found a weight
