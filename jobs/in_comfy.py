@@ -61,6 +61,21 @@ def make_trainable(module: torch.nn.Module) -> None:
                 comfy.utils.set_attr_buffer(module, name, b.clone())
 
 
+def private_copy(model):
+    """The job's own copy of the UNet, rebuilt from its file (ComfyUI's ``clone(force_deepcopy)``),
+    with the graph's weight patches. A clone shares the modules with the graph's model: a prompt
+    sampling that checkpoint while the job trains would load its own patches into the same
+    modules mid-step (and see the job's adapters). Costs one more UNet in memory while training.
+    Models built in a graph (no file to rebuild from) are shared, and the log says so."""
+    if getattr(model, "cached_patcher_init", None) is None:
+        import logging
+        logging.getLogger("rewardtune.jobs").warning(
+            "RewardTune: this MODEL has no loader to rebuild it from; the job trains on the shared UNet, so "
+            "don't sample from the same model while it trains")
+        return model
+    return model.clone(force_deepcopy=True)
+
+
 def _weights_digest(module: torch.nn.Module | None) -> str:
     """A content digest of a few of a model's weights: the same file gives the same value across
     server restarts, where ComfyUI's object ids and patch uuids do not."""
@@ -102,7 +117,8 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
         manager = get_manager()
         with own_interrupts(), torch.inference_mode(False), torch.enable_grad():
             reward_model = reward.load()
-            for module in (model.model, vae.first_stage_model, reward_model):
+            unet = private_copy(model)
+            for module in (unet.model, vae.first_stage_model, reward_model):
                 make_trainable(module)
             cfg = job.config
 
@@ -115,7 +131,7 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
                 return clip.encode_from_tokens_scheduled(clip.tokenize(text))
             resume = job.checkpoint if os.path.exists(job.checkpoint) else None
             job.truncate_metrics(load_checkpoint(resume)["step"] if resume else 0)
-            result = train(model, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
+            result = train(unet, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
                            should_stop=job.cancel.is_set, on_step=on_step)
             return result.step

@@ -10,6 +10,7 @@ import urllib.error
 import uuid
 
 import pytest
+import torch
 
 from rewardtune.testing.comfy_host import ComfyServer
 
@@ -39,6 +40,22 @@ def train_prompt(models_tree, reward_tree, *, name, mode="background", steps=3, 
                          "width": 64, "height": 64, "precision": "fp32", "gradient_checkpointing": False,
                          "save_every": save_every, "seed": seed, "config_json": json.dumps({**SMALL, **(extra or {})})}},
     }
+
+
+def _sample_nodes(model_ref, prefix):
+    return {"5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+            "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+            "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "8": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": 5, "steps": 4, "cfg": 2.0,
+                                                      "sampler_name": "euler", "scheduler": "normal",
+                                                      "positive": ["5", 0], "negative": ["6", 0],
+                                                      "latent_image": ["7", 0], "denoise": 1.0}},
+            "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}}}
+
+
+def _latest(srv, prefix):
+    out = os.path.join(srv.workdir, "output")
+    return os.path.join(out, sorted(f for f in os.listdir(out) if f.startswith(prefix))[-1])
 
 
 def jobs(srv):
@@ -80,24 +97,38 @@ def test_background_job_trains_while_the_server_serves_and_the_lora_matches_lora
     srv = trainer_server
     before = {j["id"] for j in jobs(srv)}
     t0 = time.time()
-    entry = srv.wait(srv.queue(train_prompt(models_tree, reward_tree, name="bg", steps=6)), timeout=120)
+    entry = srv.wait(srv.queue(train_prompt(models_tree, reward_tree, name="bg", steps=12)), timeout=120)
     assert entry["status"]["status_str"] == "success", entry["status"]
     returned_after = time.time() - t0
     job_id = only_new_job(srv, before, "bg")
     # while it trains: the server answers and another prompt runs
     t1 = time.time()
     srv.get("/object_info")
-    other = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
-             "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-             "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
-             "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}}}
+    # the other prompts sample the very checkpoint the job trains on: the job's private UNet copy
+    # keeps them apart (on a shared UNet the foreground unloads the job's adapters mid-step and the
+    # job dies: 'NoneType' object has no attribute 'prepare_state'), so the latent equals an idle run
+    other = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}}}
+    other.update(_sample_nodes(["1", 0], "rt_during"))
     assert srv.wait(srv.queue(other), timeout=120)["status"]["status_str"] == "success"
     state_meanwhile = srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"]
     answered_after = time.time() - t1
+    seed = 100
+    while srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"] in ("queued", "running"):  # keep sampling it
+        other["8"]["inputs"]["seed"] = seed = seed + 1
+        srv.wait(srv.queue({**other, "9": {**other["9"], "inputs": {**other["9"]["inputs"],
+                                                                       "filename_prefix": "rt_busy"}}}), timeout=120)
+    other["8"]["inputs"]["seed"] = 5
     final = wait_job(srv, job_id)
-    assert final["step"] == 6 and final["last"]["step"] == 6
-    metrics = srv.get(f"/rewardtune/jobs/{job_id}?since=2")["metrics"]
-    assert [m["step"] for m in metrics] == [3, 4, 5, 6]
+    srv.post("/free", {"free_memory": True, "unload_models": True})  # drop the cache: sample again, idle
+    time.sleep(1.0)
+    other["9"]["inputs"]["filename_prefix"] = "rt_idle"
+    assert srv.wait(srv.queue(other), timeout=120)["status"]["status_str"] == "success"
+    from safetensors.torch import load_file
+    during, idle = (load_file(_latest(srv, p))["latent_tensor"] for p in ("rt_during", "rt_idle"))
+    assert state_meanwhile == "running" and torch.equal(during, idle)
+    assert final["step"] == 12 and final["last"]["step"] == 12
+    metrics = srv.get(f"/rewardtune/jobs/{job_id}?since=8")["metrics"]
+    assert [m["step"] for m in metrics] == [9, 10, 11, 12]
     print(f"background prompt returned in {returned_after:.2f}s; server answered + other prompt in "
           f"{answered_after:.2f}s while the job was {state_meanwhile}")
     assert returned_after < 30 and state_meanwhile in ("queued", "running", "finished")
@@ -106,15 +137,7 @@ def test_background_job_trains_while_the_server_serves_and_the_lora_matches_lora
     lora_name = f"rewardtune/{job_id}.safetensors"
     assert lora_name in srv.get("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
 
-    def sample(model_ref, prefix):
-        return {"5": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
-                "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
-                "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-                "8": {"class_type": "KSampler", "inputs": {"model": model_ref, "seed": 5, "steps": 4, "cfg": 2.0,
-                                                          "sampler_name": "euler", "scheduler": "normal",
-                                                          "positive": ["5", 0], "negative": ["6", 0],
-                                                          "latent_image": ["7", 0], "denoise": 1.0}},
-                "9": {"class_type": "SaveLatent", "inputs": {"samples": ["8", 0], "filename_prefix": prefix}}}
+    sample = _sample_nodes
     graph = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
              "2": {"class_type": "RewardTuneLoadTrainedLoRA",
                    "inputs": {"model": ["1", 0], "job": job_id, "which": "final", "strength": 1.0}},
@@ -128,11 +151,18 @@ def test_background_job_trains_while_the_server_serves_and_the_lora_matches_lora
                 if isinstance(val, list) and val[0] in ("5", "6", "7", "8"):
                     graph[k]["inputs"][name] = [val[0] + "b", val[1]]
     assert srv.wait(srv.queue(graph), timeout=120)["status"]["status_str"] == "success"
-    from safetensors.torch import load_file
-    out = os.path.join(srv.workdir, "output")
-    a = load_file(os.path.join(out, sorted(f for f in os.listdir(out) if f.startswith("rt_companion"))[-1]))
-    b = load_file(os.path.join(out, sorted(f for f in os.listdir(out) if f.startswith("rt_loraloader"))[-1]))
+    a, b = load_file(_latest(srv, "rt_companion")), load_file(_latest(srv, "rt_loraloader"))
     assert (a["latent_tensor"] - b["latent_tensor"]).abs().max() <= 1e-5
+
+    # the same run with nothing else sampling gives the same LoRA, bit for bit: the foreground
+    # prompts did not leak into the training
+    before = {j["id"] for j in jobs(srv)}
+    srv.wait(srv.queue(train_prompt(models_tree, reward_tree, name="bg-alone", steps=12)), timeout=120)
+    alone_id = only_new_job(srv, before, "bg-alone")
+    wait_job(srv, alone_id)
+    busy = load_file(os.path.join(models_tree["root"], "loras", lora_name))
+    alone = load_file(os.path.join(models_tree["root"], "loras", f"rewardtune/{alone_id}.safetensors"))
+    assert busy.keys() == alone.keys() and all(torch.equal(busy[k], alone[k]) for k in busy)
     lora = load_file(os.path.join(models_tree["root"], "loras", lora_name))
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())
 
