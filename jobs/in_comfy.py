@@ -127,13 +127,22 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
                 manager.notify("rewardtune.progress", {"id": job.id, "step": metrics["step"], "steps": cfg.steps,
                                                        "metrics": metrics})
 
+            def on_checkpoint(step: int, image: torch.Tensor) -> None:
+                """The x̂0 the reward saw at this step, saved as the job's newest sample."""
+                from PIL import Image
+                path = os.path.join(job.dir, "samples", f"step_{step:06d}.png")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                pixels = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                Image.fromarray(pixels).save(path)
+                job.preview = path
+
             def encode(text: str):
                 return clip.encode_from_tokens_scheduled(clip.tokenize(text))
             resume = job.checkpoint if os.path.exists(job.checkpoint) else None
             job.truncate_metrics(load_checkpoint(resume)["step"] if resume else 0)
             result = train(unet, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
-                           should_stop=job.cancel.is_set, on_step=on_step)
+                           should_stop=job.cancel.is_set, on_step=on_step, on_checkpoint=on_checkpoint)
             return result.step
     return JobSpec(name, config, fp, run, prompt)
 
@@ -168,17 +177,20 @@ def publish_lora(job: Job, lora_sd: dict, tag: str = "") -> str:
 def wait(job: Job, progress=None, poll: float = 0.1) -> None:
     """Wait for the job on the executing node's thread: progress to the node's bar, and ComfyUI's
     interrupt (the global flag, read only here) cancels this job and stops the prompt."""
+    shown = None
     try:
         while not job.done.wait(poll):
             mm.throw_exception_if_processing_interrupted()  # clears the flag and raises
             if progress is not None:
-                progress(job.step, job.config.steps)  # ComfyUI's progress hook may raise it too
+                sample = job.preview if job.preview != shown else None
+                shown = job.preview
+                progress(job.step, job.config.steps, sample)  # ComfyUI's progress hook may raise it too
     except mm.InterruptProcessingException:
         job.cancel.set()
         job.done.wait()  # the job saves its checkpoint after the current step
         raise
     if progress is not None:
-        progress(job.step, job.config.steps)
+        progress(job.step, job.config.steps, None)
     if job.state == "failed":
         raise TrainingError(f"training job {job.id} failed: {job.error}. Its last checkpoint is kept; fix the "
                             "problem and queue the graph again to resume it.")

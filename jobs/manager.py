@@ -100,6 +100,7 @@ class Job:
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     spec: JobSpec | None = field(default=None, repr=False)
     last: dict = field(default_factory=dict)    # the newest metrics line
+    preview: str | None = None                  # the newest sample image (samples/step_XXXXXX.png)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- files
@@ -119,11 +120,12 @@ class Job:
         return {"id": self.id, "name": self.name, "state": self.state, "step": self.step,
                 "steps": self.config.steps, "objective": self.config.objective, "error": self.error,
                 "created": self.created, "updated": self.updated, "last": self.last,
-                "has_checkpoint": os.path.exists(self.checkpoint), "config": json.loads(self.config.to_json())}
+                "has_checkpoint": os.path.exists(self.checkpoint), "config": json.loads(self.config.to_json()),
+                "preview": self.preview}
 
     def save(self) -> None:
         self.updated = time.time()
-        data = {k: v for k, v in self.status().items() if k not in ("has_checkpoint", "config", "last")}
+        data = {k: v for k, v in self.status().items() if k not in ("has_checkpoint", "config", "last", "preview")}
         data.update(fingerprint=self.fingerprint, prompt=self.prompt)
         write_text(os.path.join(self.dir, "job.json"), json.dumps(data, indent=1))
 

@@ -154,7 +154,14 @@ class TrainRewardLoRA(io.ComfyNode):
         if mode == "wait":
             import comfy.utils
             bar = comfy.utils.ProgressBar(cfg.steps, node_id=cls.hidden.unique_id)
-            jobs.wait(job, lambda step, total: bar.update_absolute(step, total))
+
+            def progress(step, total, sample_path):
+                preview = None
+                if sample_path:  # the newest periodic sample, shown on the node like a KSampler preview
+                    from PIL import Image
+                    preview = ("PNG", Image.open(sample_path).convert("RGB"), 512)
+                bar.update_absolute(step, total, preview)
+            jobs.wait(job, progress)
         if job.state == "finished":
             lora_name = manager.lora_name(job)
             lora_sd, _ = jobs.lora_from_checkpoint(job)

@@ -181,11 +181,12 @@ def test_wait_mode_progress_interrupt_and_resume(trainer_server, models_tree, re
     ws = websocket.create_connection(f"ws://127.0.0.1:{srv.port}/ws?clientId={client}", timeout=120)
     prompt = train_prompt(models_tree, reward_tree, name="wait", mode="wait", steps=30, seed=1)
     pid = srv.queue(prompt, client_id=client)
-    progress, step_events, at_interrupt = [], [], None
+    progress, step_events, at_interrupt, previews = [], [], None, 0
     try:
         while True:
             msg = ws.recv()
             if not isinstance(msg, str):
+                previews += 1  # a binary preview frame: the periodic sample on the node
                 continue
             m = json.loads(msg)
             if m["type"] == "progress" and m["data"].get("node") == "3":
@@ -207,6 +208,8 @@ def test_wait_mode_progress_interrupt_and_resume(trainer_server, models_tree, re
     st = wait_job(srv, job_id, ("stopped",), timeout=60)
     assert at_interrupt <= st["step"] <= at_interrupt + 1  # within one step
     assert _checkpoint(srv, job_id)["step"] == st["step"]  # the last checkpoint is loadable and current
+    samples = os.listdir(os.path.join(srv.workdir, "output", "rewardtune", "jobs", job_id, "samples"))
+    assert previews >= 1 and f"step_{st['step'] - 1:06d}.png" in samples  # save_every=1: one per step
     # queueing the same graph resumes the job to its end
     entry = srv.wait(srv.queue(prompt), timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]

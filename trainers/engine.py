@@ -110,7 +110,8 @@ def load_checkpoint(path: str) -> dict:
 def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable, prompts: list[str] | None = None,
           images: dict[tuple[int, int], list[Example]] | None = None, out_dir: str | None = None,
           resume: str | None = None, should_stop: Callable[[], bool] | None = None,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          on_checkpoint: Callable[[int, torch.Tensor], None] | None = None) -> TrainResult:
     cfg = config.validate()
     if cfg.objective == "refl" or cfg.refl_every:
         if not prompts:
@@ -127,7 +128,13 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
     optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     latent_format = tuned.model.latent_format
-    decode = make_decoder(vae, latent_format)
+    decode_images = make_decoder(vae, latent_format)
+    preview: dict[str, torch.Tensor] = {}
+
+    def decode(x0):  # keeps the newest decoded training image as a preview for on_checkpoint
+        images = decode_images(x0)
+        preview["image"] = images[0].detach().float().cpu()
+        return images
     sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
     history: list[dict] = []
     step = 0
@@ -252,8 +259,11 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
-            if ckpt_path and (step % cfg.save_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                if ckpt_path:
+                    save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
+                if on_checkpoint is not None and "image" in preview:
+                    on_checkpoint(step, preview["image"])  # (3, H, W) in [0, 1]: the x̂0 the reward saw
 
     lora_path = None
     if out_dir:
