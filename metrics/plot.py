@@ -94,7 +94,8 @@ def curve_plot(steps: list[float], values: list[float], *, title: str, y_label: 
     for t in _ticks(x_lo, x_hi):
         px, _ = xy(t, y_lo)
         d.line([px, bottom, px, bottom + 4], fill="black")
-        d.text((px - 10, bottom + 6), f"{t:.0f}", fill="black", font=small)
+        label = f"{t:.0f}" if x_hi - x_lo >= 8 else f"{t:.2f}".rstrip("0").rstrip(".")
+        d.text((px - 10, bottom + 6), label, fill="black", font=small)
     d.text(((left + right) // 2 - 14, height - 20), "step", fill="black", font=small)
     d.text((4, top - 18), y_label, fill="black", font=small)
     raw = [xy(x, y) for x, y in zip(steps, values)]

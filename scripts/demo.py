@@ -10,7 +10,10 @@
 5. runs ``example_workflows/best_of_n.json`` the same way with a tiny random reward model in the
    official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output),
 6. runs ``example_workflows/quality_diversity_sweep.json``: reward vs diversity for k = 0, 4, 6, 8
-   of 8 steps (``quality_diversity/`` in the output: the plot).
+   of 8 steps (``quality_diversity/`` in the output: the plot),
+7. runs ``example_workflows/train_imagerefl_then_combined.json``: a Train Reward LoRA job (ImageReFL,
+   8 steps on 4 generated captioned images) then the Combined KSampler base → freshly tuned
+   (``training/`` in the output: the two images and the reward curve).
 """
 from __future__ import annotations
 
@@ -102,6 +105,9 @@ def main() -> int:
                 ("RewardTuneQualityDiversitySweep", "width"): 64,
                 ("RewardTuneQualityDiversitySweep", "height"): 64}, os.path.join(out_dir, "quality_diversity")) != 0:
             return 1
+        if run_training(srv, info, server_dir, os.path.basename(ckpt), os.path.basename(reward),
+                        os.path.join(out_dir, "training")) != 0:
+            return 1
     from PIL import Image, ImageDraw
     order = [r for r in ("base", "combined", "tuned") if r in rows]
     if order != ["base", "combined", "tuned"]:
@@ -135,7 +141,20 @@ def run_workflow(srv, info, server_dir, name, replace, out_dir) -> int:
     from rewardtune.testing.workflow import ui_to_api
     with open(os.path.join(ROOT, "example_workflows", name), encoding="utf-8") as f:
         workflow = json.load(f)
-    prompt = ui_to_api(workflow, info, replace)
+    return run_prompt(srv, server_dir, name, ui_to_api(workflow, info, replace), out_dir)
+
+
+def run_training(srv, info, server_dir, ckpt_name, reward_name, out_dir) -> int:
+    """train_imagerefl_then_combined.json: ImageReFL on a small generated folder in the input
+    directory, then base → freshly tuned with the Combined KSampler."""
+    from rewardtune.testing.workflow import train_example_prompt, write_tiny_dataset
+    write_tiny_dataset(os.path.join(server_dir, "input", "rewardtune_demo_dataset"))
+    prompt = train_example_prompt(info, ckpt_name, reward_name, "rewardtune_demo_dataset",
+                                  job_name="demo-imagerefl", train_steps=8)
+    return run_prompt(srv, server_dir, "train_imagerefl_then_combined.json", prompt, out_dir)
+
+
+def run_prompt(srv, server_dir, name, prompt, out_dir) -> int:
     t0 = time.time()
     entry = srv.wait(srv.queue(prompt), timeout=600)
     if entry["status"].get("status_str") != "success":

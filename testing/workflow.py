@@ -80,3 +80,43 @@ def combined_example_prompt(object_info: dict, ckpt_name: str, lora_name: str, *
         ("KSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "steps"): steps,
         ("RewardTuneCombinedKSampler", "switch_step"): switch,
     })
+
+
+TRAIN_WORKFLOW = os.path.join(os.path.dirname(EXAMPLE_WORKFLOW), "train_imagerefl_then_combined.json")
+
+
+def write_tiny_dataset(folder: str, n: int = 4, size: int = 96) -> str:
+    """A small ImageReFL dataset: smooth random-colour images with same-named .txt captions."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        corners = rng.uniform(0, 255, (2, 2, 3))
+        ys, xs = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+        img = (corners[0, 0] * ((1 - ys) * (1 - xs))[..., None] + corners[0, 1] * ((1 - ys) * xs)[..., None]
+               + corners[1, 0] * (ys * (1 - xs))[..., None] + corners[1, 1] * (ys * xs)[..., None])
+        Image.fromarray(img.astype("uint8")).save(os.path.join(folder, f"sample{i}.png"))
+        with open(os.path.join(folder, f"sample{i}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"a soft colour gradient, picture {i}\n")
+    return folder
+
+
+def train_example_prompt(object_info: dict, ckpt_name: str, reward_name: str, dataset: str, *, job_name: str,
+                         train_steps: int = 6, size: int = 64, steps: int = 10, switch: int = 7) -> dict:
+    """The shipped train-then-combine workflow as an API prompt, shrunk for tiny CPU models: a
+    10-step schedule (start index 6, t_f in 6–9, the paper's 30/40 scaled), fp32, batch 1."""
+    with open(TRAIN_WORKFLOW, encoding="utf-8") as f:
+        workflow = json.load(f)
+    schedule = {"num_steps": 10, "imagerefl_start": 6, "imagerefl_tf_min": 6, "imagerefl_tf_max": 9, "cfg": 2.0}
+    t = "RewardTuneTrainLoRA"
+    return ui_to_api(workflow, object_info, {
+        ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name, ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
+        ("RewardTuneLoadRewardModel", "precision"): "fp32",
+        (t, "job_name"): job_name, (t, "dataset_folder"): dataset, (t, "steps"): train_steps, (t, "batch_size"): 1,
+        (t, "grad_accum"): 1, (t, "width"): size, (t, "height"): size, (t, "precision"): "fp32",
+        (t, "gradient_checkpointing"): False, (t, "save_every"): 2, (t, "learning_rate"): 1e-3,
+        (t, "config_json"): json.dumps(schedule),
+        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("EmptyLatentImage", "batch_size"): 2,
+        ("RewardTuneCombinedKSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "switch_step"): switch,
+    })

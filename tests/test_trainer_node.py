@@ -284,3 +284,21 @@ def test_a_killed_server_lists_the_job_and_resumes_it(models_tree, reward_tree, 
         assert steps == list(range(1, 41))  # resumed from the checkpoint: the steps after it were redone once
     finally:
         srv2.stop()
+
+
+def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer_server, models_tree, reward_tree):
+    """example_workflows/train_imagerefl_then_combined.json over HTTP: ImageReFL on a small
+    folder in the input directory, then base → freshly tuned with the Combined KSampler."""
+    from rewardtune.testing.workflow import train_example_prompt, write_tiny_dataset
+    srv = trainer_server
+    write_tiny_dataset(os.path.join(srv.workdir, "input", "rt_example_dataset"))
+    prompt = train_example_prompt(srv.get("/object_info"), models_tree["sd15"], reward_tree["files"]["hpsv2"],
+                                  "rt_example_dataset", job_name="example")
+    entry = srv.wait(srv.queue(prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (job,) = [j for j in jobs(srv) if j["name"] == "example"]
+    assert job["state"] == "finished" and job["step"] == 6 and job["objective"] == "imagerefl"
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", []) if img["type"] == "output"]
+    assert len(saved) == 2 and all(img["filename"].startswith("rewardtune_after_training") for img in saved)
+    text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
+    assert "finished at step 6/6" in text and f"rewardtune/{job['id']}.safetensors" in text
