@@ -6,7 +6,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-OBJECTIVES = ("refl", "imagerefl")
+OBJECTIVES = ("refl", "imagerefl", "sqdf")
+KL_MODES = ("per_dim", "exact")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -44,6 +45,15 @@ class TrainConfig:
     refl_weight: float = 1e-3
     reward_scale: float | None = None     # None: the reward model's own s and o
     reward_offset: float | None = None
+    # SQDF (arXiv 2512.04559; its aesthetic preset: γ 0.9, α 2, lr 1e-3, rank 4, DDIM-η1 50 steps, CFG 5)
+    sqdf_gamma: float = 0.9               # discount γ^(steps remaining after the sampled transition)
+    sqdf_alpha: float = 2.0               # KL weight α
+    sqdf_kl: str = "per_dim"              # per_dim: the reference code's mean/σ² (= 2/D · exact); exact: ‖Δμ‖²/2σ²
+    sqdf_collect: int = 64                # fresh trajectories per optimizer step
+    sqdf_buffer: int = 1024               # replay buffer capacity (trajectories; FIFO)
+    sqdf_window: int = 1024               # sample from the most recent this many
+    sqdf_prioritised: bool = False        # P(trajectory, step) ∝ max(r, 0)·γ^(remaining)
+    sqdf_use_buffer: bool = True          # False: on-policy (only this step's trajectories; the paper's ablation)
     # memory
     precision: str = "fp32"
     grad_checkpointing: bool = False
@@ -75,6 +85,15 @@ class TrainConfig:
                  f"ImageReFL needs 0 ≤ start ({self.imagerefl_start}) ≤ t_f window [{self.imagerefl_tf_min}, "
                  f"{self.imagerefl_tf_max}] < {n}")
         need(self.refl_every >= 0, "refl_every must be ≥ 0")
+        if self.objective == "sqdf":
+            need(0 < self.sqdf_gamma <= 1, f"sqdf_gamma (discount) must be in (0, 1], got {self.sqdf_gamma!r}")
+            need(self.sqdf_alpha >= 0, f"sqdf_alpha (KL weight) must be ≥ 0, got {self.sqdf_alpha!r}")
+            need(self.sqdf_kl in KL_MODES, f"sqdf_kl must be one of {KL_MODES}, got {self.sqdf_kl!r}")
+            for name in ("sqdf_collect", "sqdf_buffer", "sqdf_window"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                     f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
+            need(self.sqdf_buffer >= self.sqdf_collect,
+                 f"the replay buffer ({self.sqdf_buffer}) must hold at least one step's trajectories ({self.sqdf_collect})")
         need(self.width % 8 == 0 and self.height % 8 == 0 and self.width >= 8 and self.height >= 8,
              "width and height must be multiples of 8")
         return self

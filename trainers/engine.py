@@ -13,6 +13,7 @@ s·(R + o) for images (B, 3, H, W) in [0, 1]; ``reward_from_model`` adapts a Rew
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,9 +30,12 @@ from .atomic import atomic_write
 from .checkpointing import gradient_checkpointing
 from .lora import LoraSet, save_lora
 from .objectives import StepContext, classic_refl_step, imagerefl_step, randint
+from . import sqdf
+from .replay import ReplayBuffer
 
 
 MAX_SKIPPED_FP16_STEPS = 20
+log = logging.getLogger("rewardtune.trainers")
 
 
 class TrainingError(RuntimeError):
@@ -92,11 +96,13 @@ def _set_rng_state(gen: torch.Generator, state: dict) -> None:
 
 
 def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.Generator, config: TrainConfig,
-                    history: list[dict], scaler=None) -> None:
+                    history: list[dict], scaler=None, replay: ReplayBuffer | None = None) -> None:
     state = {"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": _rng_state(gen), "config": config.to_json(), "history": json.dumps(history)}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    if replay is not None:  # SQDF: the buffer is part of the state, so a resume is exact
+        state["replay"] = replay.state_dict()
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -113,9 +119,10 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
           on_step: Callable[[dict], None] | None = None,
           on_checkpoint: Callable[[int, torch.Tensor], None] | None = None) -> TrainResult:
     cfg = config.validate()
-    if cfg.objective == "refl" or cfg.refl_every:
+    if cfg.objective in ("refl", "sqdf") or cfg.refl_every:
         if not prompts:
-            raise ConfigError("classic ReFL samples from prompts: give at least one prompt")
+            raise ConfigError(f"{'SQDF' if cfg.objective == 'sqdf' else 'classic ReFL'} samples from prompts: "
+                              "give at least one prompt")
     if cfg.objective == "imagerefl" and not images:
         raise ConfigError("ImageReFL trains on real images: give images with captions")
     device = model.load_device
@@ -138,9 +145,15 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
     sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
     history: list[dict] = []
     step = 0
+    replay = ReplayBuffer(cfg.sqdf_buffer, cfg.sqdf_window) if cfg.objective == "sqdf" else None
+    if cfg.objective == "sqdf":
+        log.info("SQDF: x̂0 from the frozen reference's one-step prediction (no consistency model yet: the "
+                 "paper's 'without consistency model' ablation)")
     if resume:
         state = load_checkpoint(resume)
         lora.load_state_dict(state["lora"])
+        if replay is not None and "replay" in state:
+            replay.load_state_dict(state["replay"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(gen, state["rng"])
         step, history = int(state["step"]), json.loads(state["history"])
@@ -169,7 +182,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out_dir, name))
 
-    def run_step(kind: str, texts: list[str], latent: torch.Tensor | None) -> dict:
+    def run_step(kind: str, texts: list[str], latent: torch.Tensor | None, pairs=None):
         """One micro-batch: an objective inside the sampling context; backward inside it too."""
         lengths = {cond(t)[0][0].shape[1] for t in texts}
         if len(lengths) > 1:
@@ -193,8 +206,12 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                               lora.merged)
             with torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                                 enabled=cfg.precision != "fp32"):
+                if kind == "sqdf_collect":  # no loss: trajectories for the replay buffer
+                    return sqdf.collect(ctx, noise_in, texts, reward, cfg)
                 if kind == "refl":
                     loss, metrics = classic_refl_step(ctx, noise_in, texts, reward, cfg)
+                elif kind == "sqdf_update":
+                    loss, metrics = sqdf.update(ctx, pairs, reward, cfg, model_wrap, lora.disabled)
                 else:
                     loss, metrics = imagerefl_step(ctx, noise_in, latent_in, texts, reward, cfg, model_wrap)
             if not torch.isfinite(loss):
@@ -223,8 +240,27 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             metrics: dict = {}
+            source = None
+            if cfg.objective == "sqdf":  # collect fresh trajectories with the current policy (no grad)
+                fresh = []
+                while len(fresh) < cfg.sqdf_collect:
+                    n = min(cfg.batch_size, cfg.sqdf_collect - len(fresh))
+                    trajs, m = run_step("sqdf_collect", [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(n)],
+                                        None)
+                    fresh += trajs
+                    metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / cfg.sqdf_collect
+                if cfg.sqdf_use_buffer:
+                    replay.add(fresh)
+                    source = replay
+                else:  # on-policy ablation: only this step's trajectories
+                    source = ReplayBuffer(len(fresh))
+                    source.add(fresh)
             for _ in range(cfg.grad_accum):
-                if cfg.objective == "refl":
+                if cfg.objective == "sqdf":
+                    pairs = source.sample(cfg.batch_size, gen, num_steps=len(sigmas) - 1,  # ddim_uniform may add one
+                                          prioritised=cfg.sqdf_prioritised, gamma=cfg.sqdf_gamma)
+                    m = run_step("sqdf_update", [t.prompt for t, _ in pairs], None, pairs)
+                elif cfg.objective == "refl":
                     texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
                     m = run_step("refl", texts, None)
                 else:
@@ -261,14 +297,14 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                 on_step(metrics)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 if ckpt_path:
-                    save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
+                    save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler, replay)
                 if on_checkpoint is not None and "image" in preview:
                     on_checkpoint(step, preview["image"])  # (3, H, W) in [0, 1]: the x̂0 the reward saw
 
     lora_path = None
     if out_dir:
         if ckpt_path and (stopped or step % cfg.save_every):
-            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler)
+            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler, replay)
         lora_path = os.path.join(out_dir, "lora.safetensors")
         save_lora(lora_path, lora, {"rewardtune_config": cfg.to_json(), "rewardtune_step": str(step)})
     return TrainResult(tuned, lora, step, history, stopped, lora_path)

@@ -63,6 +63,22 @@ class LoraSet:
                 module.weight.data = original
                 module.weight_function = functions
 
+    @contextlib.contextmanager
+    def disabled(self):
+        """The reference model: this LoRA's wrappers taken off the adapted modules (other weight
+        functions, e.g. ComfyUI's low-VRAM patches, stay), restored on exit. Same UNet, no copy."""
+        saved = []
+        try:
+            mine = set(map(id, self.adapters.values()))
+            for module in self.modules.values():
+                functions = list(getattr(module, "weight_function", []))
+                saved.append((module, functions))
+                module.weight_function = [f for f in functions if id(f) not in mine]
+            yield
+        finally:
+            for module, functions in saved:
+                module.weight_function = functions
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
 

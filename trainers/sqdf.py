@@ -1,0 +1,112 @@
+"""SQDF (soft-Q diffusion fine-tuning, arXiv 2512.04559) as two steps the engine's loop runs inside
+ComfyUI's sampling context, like the ReFL objectives (see objectives.py for the conventions):
+
+* ``collect``: full no-grad trajectories with the current policy — the DDPM posterior step (DDIM
+  η = 1) on the N-step grid, with CFG — storing every x_i (i = 0 … N, index 0 the noisiest) and
+  the final reward, for the replay buffer.
+* ``update``: for sampled (trajectory, i) pairs: the policy mean μθ and the frozen reference mean
+  μref (the same UNet with the LoRA switched off: no second copy) at the stored x_i; one
+  stochastic step x_{i+1} = μθ + σ_i·ε with gradients through this step only; x̂0 from x_{i+1} by
+  the frozen reference's one-step x0 prediction (conditional branch; at the last step x̂0 =
+  x_{i+1}); decode; reward. Loss per pair: −γ^(remaining)·r + α·KL, remaining = N − 1 − i.
+
+KL: between N(μθ, σ_i²) and N(μref, σ_i²), the exact Gaussian KL is ‖μθ − μref‖² / (2σ_i²)
+summed over the D latent dimensions (``kl = "exact"``). The reference code uses
+mean((μθ − μref)²)/σ_i², which is 2/D of it; ``kl = "per_dim"`` (the default) is that scale, so
+the paper's α values mean what they meant there. The last step is deterministic (σ = 0: the KL is
+undefined; μθ = x̂0θ): it contributes no KL, only the reward term.
+
+Consistency model: the paper jumps to x̂0 with a frozen LCM-LoRA of the same base. Not yet here:
+the one-step x0 prediction of the frozen reference is used instead — the paper's "without the
+consistency model" ablation — and the run says so in its metrics (``x0_estimate``) and log.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .objectives import StepContext, _sigma
+from .replay import Trajectory
+
+
+def posterior(x: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, sp: torch.Tensor):
+    """Mean and std of the DDPM posterior step from σ = s to σ = sp (per sample, shapes (B,1,1,1)):
+    mean = x0 + (sp²/s²)(x − x0), std = sp·√(s² − sp²)/s; at sp = 0 mean = x0, std = 0."""
+    mean = x0 + (sp ** 2 / s ** 2) * (x - x0)
+    std = sp * torch.sqrt((s ** 2 - sp ** 2).clamp_min(0)) / s
+    return mean, std
+
+
+def discount(gamma: float, num_steps: int, index: torch.Tensor) -> torch.Tensor:
+    """γ^(remaining) for the transition out of schedule index i: remaining = N − 1 − i steps after it."""
+    return torch.pow(torch.tensor(float(gamma), dtype=torch.float64), (num_steps - 1 - index).double()).float()
+
+
+def kl_term(mu: torch.Tensor, mu_ref: torch.Tensor, std: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-sample KL(N(μθ, σ²) ‖ N(μref, σ²)); 0 where σ = 0 (the deterministic last step)."""
+    sq = ((mu - mu_ref) ** 2).flatten(1)
+    var = (std.flatten(1)[:, 0] ** 2)
+    live = var > 0
+    safe = torch.where(live, var, torch.ones_like(var))
+    if mode == "exact":
+        kl = sq.sum(1) / (2 * safe)
+    else:  # per_dim: the reference code's scale, 2/D of the exact value
+        kl = sq.mean(1) / safe
+    return torch.where(live, kl, torch.zeros_like(kl))
+
+
+def collect(ctx: StepContext, noise: torch.Tensor, prompts: list[str], reward, cfg) -> tuple[list[Trajectory], dict]:
+    """No-grad trajectories from noise with the current policy (LoRA merged for speed)."""
+    ms = ctx.model_sampling
+    n = len(ctx.sigmas) - 1
+    sigma0 = float(ctx.sigmas[0])
+    max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
+    with torch.no_grad(), ctx.frozen_weights():
+        x = ms.noise_scaling(ctx.sigmas[0], noise, torch.zeros_like(noise), max_denoise)
+        xs = [x.float().cpu()]
+        for i in range(n):
+            s, sp = ctx.sigmas[i], ctx.sigmas[i + 1]
+            x0 = ctx.model(x, _sigma(x, s), **ctx.extra_args)
+            mean, std = posterior(x, x0, s.to(x), sp.to(x))
+            x = mean + std * torch.randn(x.shape, generator=ctx.generator).to(x)
+            xs.append(x.float().cpu())
+        r = reward(ctx.decode(x), prompts).float().cpu()
+    stacked = torch.stack(xs, 1)  # (B, N+1, C, H, W)
+    trajs = [Trajectory(stacked[b].clone(), prompts[b], float(r[b])) for b in range(len(prompts))]
+    return trajs, {"collect_reward": float(r.mean())}
+
+
+def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, guider, disabled) -> tuple[torch.Tensor, dict]:
+    """The SQDF loss on sampled (trajectory, index) pairs; ``disabled()`` switches the LoRA off
+    (the reference model)."""
+    n = len(ctx.sigmas) - 1
+    dev = ctx.sigmas.device
+    idx = torch.tensor([i for _, i in pairs], device=dev)
+    x = torch.stack([t.latents[i] for t, i in pairs]).to(dev, torch.float32)
+    sig = ctx.sigmas.to(dev)
+    s, sp = sig[idx].view(-1, 1, 1, 1), sig[idx + 1].view(-1, 1, 1, 1)
+    x0_policy = ctx.model(x, s.flatten(), **ctx.extra_args)
+    with torch.no_grad(), disabled():
+        x0_ref = ctx.model(x, s.flatten(), **ctx.extra_args)
+    mu, std = posterior(x, x0_policy, s.to(x), sp.to(x))
+    mu_ref, _ = posterior(x, x0_ref, s.to(x), sp.to(x))
+    x_next = mu + std * torch.randn(x.shape, generator=ctx.generator).to(x)
+    # x̂0 from x_{i+1}: the frozen reference's one-step prediction, conditional branch only (CFG 1);
+    # at the last step x_{i+1} is already the x0 prediction
+    last = (sp.flatten() == 0)
+    cfg_before = guider.cfg
+    guider.cfg = 1.0
+    try:
+        with disabled():
+            sp_safe = torch.where(last, s.flatten(), sp.flatten())
+            x0_hat = ctx.model(x_next, sp_safe, **ctx.extra_args)
+    finally:
+        guider.cfg = cfg_before
+    x0_hat = torch.where(last.view(-1, 1, 1, 1), x_next, x0_hat)
+    r = reward(ctx.decode(x0_hat), [t.prompt for t, _ in pairs])
+    weight = discount(cfg.sqdf_gamma, n, idx.cpu()).to(r)
+    kl = kl_term(mu, mu_ref, std, cfg.sqdf_kl)
+    loss = (-weight * r + cfg.sqdf_alpha * kl).mean()
+    return loss, {"reward": float(r.mean()), "kl": float(kl.mean()), "sqdf_loss": float(loss),
+                  "mean_index": float(idx.float().mean())}
