@@ -15,20 +15,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bootstrap(cpu: bool):
-    pkgs = os.path.join(ROOT, ".rt", "pkgs")
-    os.makedirs(pkgs, exist_ok=True)
-    if not os.path.lexists(os.path.join(pkgs, "rewardtune")):
-        os.symlink(ROOT, os.path.join(pkgs, "rewardtune"))
-    sys.path.insert(0, pkgs)
-    from rewardtune.testing.comfy_host import prepare_comfy_import
-    prepare_comfy_import(cpu=cpu)
+    from _pack import import_pack
+    import_pack(comfy_cpu=cpu)
 
 
 def main():

@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,9 +25,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json")
     args = ap.parse_args()
-    pkgs = tempfile.mkdtemp()
-    os.symlink(ROOT, os.path.join(pkgs, "rewardtune"))
-    sys.path.insert(0, pkgs)
+    from _pack import import_pack
+    import_pack()
     import torch
     from rewardtune.metrics import cosine_diversity, vendi_score
     torch.manual_seed(0)

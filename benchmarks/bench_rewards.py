@@ -33,9 +33,8 @@ def ours(weights: str, batch: int, iters: int, threads: int, device: str, dtype:
     import numpy as np
     import torch
     torch.set_num_threads(threads)
-    pkgs = tempfile.mkdtemp()
-    os.symlink(ROOT, os.path.join(pkgs, "rewardtune"))
-    sys.path.insert(0, pkgs)
+    from _pack import import_pack
+    import_pack()
     from rewardtune.rewards import load_reward_model
     model = load_reward_model(weights, device=device, dtype=getattr(torch, dtype))
     rng = np.random.default_rng(0)

@@ -30,8 +30,6 @@ import json
 import os
 import pstats
 import statistics
-import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +37,8 @@ PROMPTS = ["a cat", "a dog", "a red house"]
 
 
 def bootstrap(cpu: bool):
-    pkgs = tempfile.mkdtemp(prefix="rt-bench-")
-    os.symlink(ROOT, os.path.join(pkgs, "rewardtune"))
-    sys.path.insert(0, pkgs)
-    from rewardtune.testing.comfy_host import prepare_comfy_import
-    prepare_comfy_import(cpu=cpu)
+    from _pack import import_pack
+    import_pack(comfy_cpu=cpu)
 
 
 def main():

@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 from ..jobs import in_comfy as jobs
 from ..jobs.manager import JobError, get_manager
 from ..trainers.config import ConfigError, PRECISIONS, TrainConfig
-from ..trainers.presets import PRESETS, preset_config
+from ..trainers.presets import PRESETS, apply_preset
 from .rewards import RewardModelType
 
 CATEGORY = "RewardTune/training"
@@ -31,9 +31,14 @@ def curve(job) -> torch.Tensor:
 
 def summary(job, lora_name: str | None) -> str:
     last = job.last or {}
-    lines = [f"job {job.id}: {job.state} at step {job.step}/{job.config.steps} ({job.config.objective})"]
+    c = job.config
+    lines = [f"job {job.id}: {job.state} at step {job.step}/{c.steps} ({c.objective})",
+             f"lr {c.lr:g}, rank {c.rank}, batch {c.batch_size}×{c.grad_accum}, {c.num_steps}-step schedule, "
+             f"CFG {c.cfg:g}, {c.width}×{c.height}, {c.precision}"]
     if "reward" in last:
         lines.append(f"last reward {last['reward']:+.4f}, grad norm {last.get('grad_norm', float('nan')):.3g}")
+    if job.config.objective == "sqdf":
+        lines.append("x̂0: the base model's one-step prediction (no consistency model yet; the paper's ablation)")
     if job.error:
         lines.append(f"error: {job.error}")
     if lora_name:
@@ -80,14 +85,17 @@ class TrainRewardLoRA(io.ComfyNode):
                                tooltip="wait: this node runs until training ends. background: it returns at once "
                                        "while the job trains; other prompts keep running."),
                 io.Combo.Input("preset", options=list(PRESETS), default=next(iter(PRESETS)),
-                               tooltip="Schedule constants and loss weights from the papers; the settings below "
-                                       "apply on top."),
-                io.Combo.Input("objective", options=["imagerefl", "refl"], default="imagerefl",
+                               tooltip="custom: the settings below. A paper preset sets its own values (objective, "
+                                       "schedule, loss weights and, for SQDF, lr, rank, batch, steps) over the "
+                                       "settings below; the summary shows the result. config_json applies last."),
+                io.Combo.Input("objective", options=["imagerefl", "refl", "sqdf"], default="imagerefl",
                                tooltip="imagerefl: real images + captions (dataset) with the diffusion loss. refl: "
-                                       "classic ReFL from prompts."),
+                                       "classic ReFL from prompts. sqdf: soft-Q fine-tuning from prompts (replay "
+                                       "buffer, discount, KL to the base; x̂0 from the base's one-step prediction: "
+                                       "no consistency model yet)."),
                 io.String.Input("prompts", multiline=True, default="",
-                                tooltip="ReFL prompts, one per line (# starts a comment). ImageReFL uses them only "
-                                        "for the optional ReFL regulariser."),
+                                tooltip="ReFL / SQDF prompts, one per line (# starts a comment). ImageReFL uses them "
+                                        "only for the optional ReFL regulariser."),
                 io.String.Input("dataset_folder", default="",
                                 tooltip="ImageReFL: a folder of images with same-named .txt captions (relative "
                                         "paths are in ComfyUI's input folder). Ignored when images are connected."),
@@ -132,10 +140,10 @@ class TrainRewardLoRA(io.ComfyNode):
                 steps, learning_rate, rank, batch_size, grad_accum, width, height, precision, gradient_checkpointing,
                 save_every, seed, config_json="", images=None, captions=""):
         from ..trainers.data import parse_prompts
-        cfg = preset_config(preset, objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=float(rank),
-                            batch_size=batch_size, grad_accum=grad_accum, width=width, height=height,
-                            precision=precision, grad_checkpointing=gradient_checkpointing, save_every=save_every,
-                            seed=seed)
+        cfg = apply_preset(TrainConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=float(rank),
+                                       batch_size=batch_size, grad_accum=grad_accum, width=width, height=height,
+                                       precision=precision, grad_checkpointing=gradient_checkpointing,
+                                       save_every=save_every, seed=seed), preset)
         if config_json.strip():
             try:
                 extra = json.loads(config_json)

@@ -34,7 +34,7 @@ def train_prompt(models_tree, reward_tree, *, name, mode="background", steps=3, 
                          "aesthetic_clip": "(none)"}},
         "3": {"class_type": "RewardTuneTrainLoRA",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward_model": ["2", 0],
-                         "job_name": name, "mode": mode, "preset": "Quick look (20-step schedule, batch 2)",
+                         "job_name": name, "mode": mode, "preset": "custom (the settings below)",
                          "objective": objective, "prompts": "a red apple\na blue car", "dataset_folder": "",
                          "steps": steps, "learning_rate": lr, "rank": 2, "batch_size": 1, "grad_accum": 1,
                          "width": 64, "height": 64, "precision": "fp32", "gradient_checkpointing": False,
@@ -302,3 +302,17 @@ def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer
     assert len(saved) == 2 and all(img["filename"].startswith("rewardtune_after_training") for img in saved)
     text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
     assert "finished at step 6/6" in text and f"rewardtune/{job['id']}.safetensors" in text
+
+
+def test_the_node_trains_sqdf(trainer_server, models_tree, reward_tree):
+    srv = trainer_server
+    prompt = train_prompt(models_tree, reward_tree, name="sqdf", mode="wait", steps=2, objective="sqdf",
+                          extra={"sqdf_collect": 2, "sqdf_buffer": 4, "sqdf_window": 4})
+    entry = srv.wait(srv.queue(prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (job,) = [j for j in jobs(srv) if j["name"] == "sqdf"]
+    assert job["state"] == "finished" and job["config"]["objective"] == "sqdf"
+    metrics = srv.get(f"/rewardtune/jobs/{job['id']}")["metrics"]
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["kl"] == 0.0 and "collect_reward" in metrics[0]
+    text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
+    assert "no consistency model yet" in text

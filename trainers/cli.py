@@ -4,7 +4,7 @@
         --prompts prompts.txt --objective refl --steps 200 --out runs/hps
 
 Every ``TrainConfig`` field is an option (``--lr``, ``--rank``, ``--grad-checkpointing`` …);
-``--config run.json`` reads a saved config first and the options override it. Ctrl-C stops after
+``--preset NAME`` then ``--config run.json`` set the base and the options override them. Ctrl-C stops after
 the current step and saves a checkpoint; ``--resume`` continues it. Nothing in ``--out`` is
 overwritten unless you resume it.
 """
@@ -19,6 +19,7 @@ import sys
 import threading
 
 from .config import ConfigError, TrainConfig, resume_differences
+from .presets import PRESETS
 
 
 def _config_options(ap: argparse.ArgumentParser) -> None:
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-bucketing", action="store_true", help="resize every image to width × height")
     ap.add_argument("--out", required=True, help="the run folder: checkpoint.pt, lora.safetensors, metrics.jsonl")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    ap.add_argument("--preset", help="a paper preset (see trainers/presets.py): " + "; ".join(PRESETS))
     ap.add_argument("--config", help="a JSON config (e.g. a run's config.json); options override it")
     ap.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_DIR, or the one this pack is in)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU")
@@ -57,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = {}
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
+        base.update(PRESETS[args.preset])
     if args.config:
         with open(args.config, encoding="utf-8") as f:
             base = json.load(f)

@@ -249,6 +249,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                                         None)
                     fresh += trajs
                     metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / cfg.sqdf_collect
+                metrics["collect_seconds"] = time.perf_counter() - t0
                 if cfg.sqdf_use_buffer:
                     replay.add(fresh)
                     source = replay

@@ -108,5 +108,5 @@ def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, g
     weight = discount(cfg.sqdf_gamma, n, idx.cpu()).to(r)
     kl = kl_term(mu, mu_ref, std, cfg.sqdf_kl)
     loss = (-weight * r + cfg.sqdf_alpha * kl).mean()
-    return loss, {"reward": float(r.mean()), "kl": float(kl.mean()), "sqdf_loss": float(loss),
+    return loss, {"reward": float(r.detach().mean()), "kl": float(kl.detach().mean()), "sqdf_loss": float(loss.detach()),
                   "mean_index": float(idx.float().mean())}
