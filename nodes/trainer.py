@@ -37,14 +37,21 @@ def summary(job, lora_name: str | None) -> str:
              f"CFG {c.cfg:g}, {c.width}×{c.height}, {c.precision}"]
     if "reward" in last:
         lines.append(f"last reward {last['reward']:+.4f}, grad norm {last.get('grad_norm', float('nan')):.3g}")
-    if job.config.objective == "sqdf":
-        lines.append("x̂0: the base model's one-step prediction (no consistency model yet; the paper's ablation)")
+    if c.objective == "sqdf" and c.sqdf_lcm_lora:
+        lines.append(f"x̂0: consistency model {os.path.basename(c.sqdf_lcm_lora)}")
+    elif c.objective == "sqdf":
+        lines.append("x̂0: the base model's one-step prediction (no LCM-LoRA given; the paper's ablation)")
     if job.error:
         lines.append(f"error: {job.error}")
     if lora_name:
         lines.append(f"LoRA: {lora_name} (loras folder)")
     lines.append(f"files: {job.dir}")
     return "\n".join(lines)
+
+
+def _lora_files() -> list[str]:
+    import folder_paths
+    return [f for f in folder_paths.get_filename_list("loras") if not f.startswith("rewardtune/")]
 
 
 def _dataset(folder: str, images, captions: str, cfg: TrainConfig):
@@ -91,8 +98,8 @@ class TrainRewardLoRA(io.ComfyNode):
                 io.Combo.Input("objective", options=["imagerefl", "refl", "sqdf"], default="imagerefl",
                                tooltip="imagerefl: real images + captions (dataset) with the diffusion loss. refl: "
                                        "classic ReFL from prompts. sqdf: soft-Q fine-tuning from prompts (replay "
-                                       "buffer, discount, KL to the base; x̂0 from the base's one-step prediction: "
-                                       "no consistency model yet)."),
+                                       "buffer, discount, KL to the base; x̂0 by an LCM-LoRA's consistency jump, "
+                                       "see lcm_lora)."),
                 io.String.Input("prompts", multiline=True, default="",
                                 tooltip="ReFL / SQDF prompts, one per line (# starts a comment). ImageReFL uses them "
                                         "only for the optional ReFL regulariser."),
@@ -122,6 +129,10 @@ class TrainRewardLoRA(io.ComfyNode):
                                tooltip="ImageReFL: training images from the graph instead of a folder."),
                 io.String.Input("captions", multiline=True, default="", optional=True,
                                 tooltip="Captions for the connected images: one line for all, or one line per image."),
+                io.Combo.Input("lcm_lora", options=["(none)", *_lora_files()], default="(none)", optional=True,
+                               tooltip="SQDF only: the LCM-LoRA of the same base (e.g. lcm-lora-sdv1-5) for the "
+                                       "consistency-model jump to x̂0. (none): the base model's one-step prediction "
+                                       "(the paper's ablation)."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The model with the trained LoRA (wait mode, or a "
                                                                    "finished job); the input model while training in background."),
@@ -138,7 +149,7 @@ class TrainRewardLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, reward_model, job_name, mode, preset, objective, prompts, dataset_folder,
                 steps, learning_rate, rank, batch_size, grad_accum, width, height, precision, gradient_checkpointing,
-                save_every, seed, config_json="", images=None, captions=""):
+                save_every, seed, config_json="", images=None, captions="", lcm_lora="(none)"):
         from ..trainers.data import parse_prompts
         cfg = apply_preset(TrainConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=float(rank),
                                        batch_size=batch_size, grad_accum=grad_accum, width=width, height=height,
@@ -150,6 +161,12 @@ class TrainRewardLoRA(io.ComfyNode):
             except json.JSONDecodeError as e:
                 raise ConfigError(f"config_json is not valid JSON ({e}): write it like {{\"cfg\": 5.0}}") from e
             cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), **extra}))
+        if cfg.objective == "sqdf" and lcm_lora and lcm_lora != "(none)":
+            import folder_paths
+            path = folder_paths.get_full_path("loras", lcm_lora)
+            if path is None:
+                raise ConfigError(f"LCM-LoRA {lcm_lora!r} is not in the loras folder any more: pick another or (none)")
+            cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), "sqdf_lcm_lora": path}))
         cfg.validate()
         prompt_list = parse_prompts(prompts) if prompts.strip() else None
         data = _dataset(dataset_folder, images, captions, cfg) if cfg.objective == "imagerefl" else None

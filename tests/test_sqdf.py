@@ -103,3 +103,43 @@ def test_on_policy_ablation_runs():
     res = train(patcher, vae, brightness, sqdf_cfg(sqdf_use_buffer=False, sqdf_gamma=1.0), encode=encode,
                 prompts=["p"])
     assert res.step == 2 and all(math.isfinite(h["reward"]) for h in res.history)
+
+
+def _lcm_file(patcher, tmp_path, seed=9):
+    from safetensors.torch import save_file
+    from rewardtune.testing import tiny_models as tm
+    path = tmp_path / "tiny_lcm_lora.safetensors"
+    save_file(tm.lora_state_dict(patcher.model, seed=seed, scale=1.0), str(path))  # a tiny random "LCM-LoRA"
+    return str(path)
+
+
+def test_the_lcm_snap_and_boundary_condition_match_comfyuis_lcm_sampling(tmp_path):
+    import comfy_extras.nodes_model_advanced as adv  # test-only: ComfyUI's own LCM sampling as the reference
+    from rewardtune.trainers.sqdf import ConsistencyModel
+    patcher, _ = tiny_setup()
+    cm = ConsistencyModel(patcher, _lcm_file(patcher, tmp_path))
+    assert len(cm.layers) > 0
+    ms_lcm = adv.ModelSamplingDiscrete().patch(patcher, "lcm", False)[0].get_model_object("model_sampling")
+    sigma = torch.tensor([14.6, 3.0, 0.63, 0.2, 0.05, 0.029])
+    t, s_snap = cm.snap(sigma)
+    assert torch.equal(t, ms_lcm.timestep(sigma).to(t))
+    assert torch.allclose(s_snap, ms_lcm.sigma(t), rtol=1e-5)
+    x, eps = torch.randn(6, 4, 2, 2), torch.randn(6, 4, 2, 2)
+    ts = (t * 10.0).view(-1, 1, 1, 1)
+    ours = ts / (ts ** 2 + 0.25) ** 0.5 * (x - s_snap.view(-1, 1, 1, 1) * eps) + 0.25 / (ts ** 2 + 0.25) * x
+    assert torch.allclose(ours, ms_lcm.calculate_denoised(s_snap, eps, x), atol=1e-6)
+
+
+def test_with_an_lcm_lora_the_consistency_path_is_used(tmp_path):
+    patcher, vae = tiny_setup()
+    path = _lcm_file(patcher, tmp_path)
+    plain = train(patcher, vae, brightness, sqdf_cfg(steps=1), encode=encode, prompts=["a", "b"])
+    lcm = train(patcher, vae, brightness, sqdf_cfg(steps=1, sqdf_lcm_lora=path), encode=encode, prompts=["a", "b"])
+    assert lcm.history[0]["collect_reward"] == plain.history[0]["collect_reward"]  # the same trajectories …
+    assert lcm.history[0]["reward"] != plain.history[0]["reward"]  # … but another x̂0
+    assert lcm.history[0]["kl"] == 0.0
+    assert not [f for m in patcher.model.diffusion_model.modules() for f in getattr(m, "weight_function", [])
+                if getattr(f, "__name__", "") == "lcm"]  # the LCM weights were switched off again
+    with pytest.raises(ConfigError, match="cannot read the LCM-LoRA"):
+        train(patcher, vae, brightness, sqdf_cfg(steps=1, sqdf_lcm_lora=str(tmp_path / "nope.safetensors")),
+              encode=encode, prompts=["a"])

@@ -304,15 +304,21 @@ def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer
     assert "finished at step 6/6" in text and f"rewardtune/{job['id']}.safetensors" in text
 
 
-def test_the_node_trains_sqdf(trainer_server, models_tree, reward_tree):
+def test_the_node_trains_sqdf_with_and_without_a_consistency_model(trainer_server, models_tree, reward_tree):
     srv = trainer_server
-    prompt = train_prompt(models_tree, reward_tree, name="sqdf", mode="wait", steps=2, objective="sqdf",
-                          extra={"sqdf_collect": 2, "sqdf_buffer": 4, "sqdf_window": 4})
-    entry = srv.wait(srv.queue(prompt), timeout=300)
-    assert entry["status"]["status_str"] == "success", entry["status"]
-    (job,) = [j for j in jobs(srv) if j["name"] == "sqdf"]
-    assert job["state"] == "finished" and job["config"]["objective"] == "sqdf"
-    metrics = srv.get(f"/rewardtune/jobs/{job['id']}")["metrics"]
-    assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["kl"] == 0.0 and "collect_reward" in metrics[0]
-    text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
-    assert "no consistency model yet" in text
+    spec = srv.get("/object_info/RewardTuneTrainLoRA")["RewardTuneTrainLoRA"]["input"]["optional"]["lcm_lora"]
+    options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+    assert options[0] == "(none)" and models_tree["lora"] in options
+    for name, lcm in (("sqdf", "(none)"), ("sqdf-lcm", models_tree["lora"])):  # the tiny LoRA as a stand-in LCM-LoRA
+        prompt = train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=2, objective="sqdf",
+                              extra={"sqdf_collect": 2, "sqdf_buffer": 4, "sqdf_window": 4})
+        prompt["3"]["inputs"]["lcm_lora"] = lcm
+        entry = srv.wait(srv.queue(prompt), timeout=300)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (job,) = [j for j in jobs(srv) if j["name"] == name]
+        assert job["state"] == "finished" and job["config"]["objective"] == "sqdf"
+        metrics = srv.get(f"/rewardtune/jobs/{job['id']}")["metrics"]
+        assert [m["step"] for m in metrics] == [1, 2] and metrics[0]["kl"] == 0.0 and "collect_reward" in metrics[0]
+        text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
+        expected = "no LCM-LoRA given" if lcm == "(none)" else f"consistency model {lcm}"
+        assert expected in text, text

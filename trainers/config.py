@@ -54,6 +54,7 @@ class TrainConfig:
     sqdf_window: int = 1024               # sample from the most recent this many
     sqdf_prioritised: bool = False        # P(trajectory, step) ∝ max(r, 0)·γ^(remaining)
     sqdf_use_buffer: bool = True          # False: on-policy (only this step's trajectories; the paper's ablation)
+    sqdf_lcm_lora: str = ""               # an LCM-LoRA file of the same base for the x̂0 jump ("" = fallback)
     # memory
     precision: str = "fp32"
     grad_checkpointing: bool = False

@@ -146,9 +146,13 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
     history: list[dict] = []
     step = 0
     replay = ReplayBuffer(cfg.sqdf_buffer, cfg.sqdf_window) if cfg.objective == "sqdf" else None
-    if cfg.objective == "sqdf":
-        log.info("SQDF: x̂0 from the frozen reference's one-step prediction (no consistency model yet: the "
-                 "paper's 'without consistency model' ablation)")
+    consistency = None
+    if cfg.objective == "sqdf" and cfg.sqdf_lcm_lora:
+        consistency = sqdf.ConsistencyModel(tuned, cfg.sqdf_lcm_lora)
+        log.info("SQDF: x̂0 from the consistency model %s (%d layers)", cfg.sqdf_lcm_lora, len(consistency.layers))
+    elif cfg.objective == "sqdf":
+        log.warning("SQDF: no LCM-LoRA given (sqdf_lcm_lora): x̂0 from the frozen reference's one-step prediction, "
+                    "the paper's 'without consistency model' ablation")
     if resume:
         state = load_checkpoint(resume)
         lora.load_state_dict(state["lora"])
@@ -211,7 +215,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                 if kind == "refl":
                     loss, metrics = classic_refl_step(ctx, noise_in, texts, reward, cfg)
                 elif kind == "sqdf_update":
-                    loss, metrics = sqdf.update(ctx, pairs, reward, cfg, model_wrap, lora.disabled)
+                    loss, metrics = sqdf.update(ctx, pairs, reward, cfg, model_wrap, lora.disabled, consistency)
                 else:
                     loss, metrics = imagerefl_step(ctx, noise_in, latent_in, texts, reward, cfg, model_wrap)
             if not torch.isfinite(loss):

@@ -16,9 +16,10 @@ mean((μθ − μref)²)/σ_i², which is 2/D of it; ``kl = "per_dim"`` (the def
 the paper's α values mean what they meant there. The last step is deterministic (σ = 0: the KL is
 undefined; μθ = x̂0θ): it contributes no KL, only the reward term.
 
-Consistency model: the paper jumps to x̂0 with a frozen LCM-LoRA of the same base. Not yet here:
-the one-step x0 prediction of the frozen reference is used instead — the paper's "without the
-consistency model" ablation — and the run says so in its metrics (``x0_estimate``) and log.
+Consistency model: the paper jumps to x̂0 with a frozen LCM-LoRA of the same base
+(``ConsistencyModel``, from ``sqdf_lcm_lora``). Without one, the one-step x0 prediction of the
+frozen reference is used instead — the paper's "without the consistency model" ablation — and the
+run says so in its log and the node's summary.
 """
 from __future__ import annotations
 
@@ -77,9 +78,10 @@ def collect(ctx: StepContext, noise: torch.Tensor, prompts: list[str], reward, c
     return trajs, {"collect_reward": float(r.mean())}
 
 
-def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, guider, disabled) -> tuple[torch.Tensor, dict]:
+def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, guider, disabled,
+           consistency: "ConsistencyModel | None" = None) -> tuple[torch.Tensor, dict]:
     """The SQDF loss on sampled (trajectory, index) pairs; ``disabled()`` switches the LoRA off
-    (the reference model)."""
+    (the reference model); ``consistency`` is the frozen LCM jump for x̂0 (None: the fallback)."""
     n = len(ctx.sigmas) - 1
     dev = ctx.sigmas.device
     idx = torch.tensor([i for _, i in pairs], device=dev)
@@ -92,17 +94,20 @@ def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, g
     mu, std = posterior(x, x0_policy, s.to(x), sp.to(x))
     mu_ref, _ = posterior(x, x0_ref, s.to(x), sp.to(x))
     x_next = mu + std * torch.randn(x.shape, generator=ctx.generator).to(x)
-    # x̂0 from x_{i+1}: the frozen reference's one-step prediction, conditional branch only (CFG 1);
-    # at the last step x_{i+1} is already the x0 prediction
+    # x̂0 from x_{i+1}: the consistency model's jump, or (fallback) the frozen reference's one-step
+    # prediction, conditional branch only (CFG 1); at the last step x_{i+1} is already the x0 prediction
     last = (sp.flatten() == 0)
-    cfg_before = guider.cfg
-    guider.cfg = 1.0
-    try:
-        with disabled():
-            sp_safe = torch.where(last, s.flatten(), sp.flatten())
-            x0_hat = ctx.model(x_next, sp_safe, **ctx.extra_args)
-    finally:
-        guider.cfg = cfg_before
+    sp_safe = torch.where(last, s.flatten(), sp.flatten())
+    if consistency is not None:
+        x0_hat = consistency.jump(ctx, x_next, sp_safe, guider, disabled)
+    else:
+        cfg_before = guider.cfg
+        guider.cfg = 1.0
+        try:
+            with disabled():
+                x0_hat = ctx.model(x_next, sp_safe, **ctx.extra_args)
+        finally:
+            guider.cfg = cfg_before
     x0_hat = torch.where(last.view(-1, 1, 1, 1), x_next, x0_hat)
     r = reward(ctx.decode(x0_hat), [t.prompt for t, _ in pairs])
     weight = discount(cfg.sqdf_gamma, n, idx.cpu()).to(r)
@@ -110,3 +115,91 @@ def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, g
     loss = (-weight * r + cfg.sqdf_alpha * kl).mean()
     return loss, {"reward": float(r.detach().mean()), "kl": float(kl.detach().mean()), "sqdf_loss": float(loss.detach()),
                   "mean_index": float(idx.float().mean())}
+
+
+class ConsistencyModel:
+    """The frozen consistency model for SQDF's x̂0: the base UNet with a user-supplied LCM-LoRA
+    (same base), applied as weight functions only for the jump — the policy LoRA is off then, so
+    it is base + LCM — without a second copy of the UNet.
+
+    The jump follows ComfyUI's LCM sampling (``ModelSamplingDiscreteDistilled`` + the LCM boundary
+    condition), computed here instead of swapping the model's ``model_sampling``: the noise level is
+    snapped to the 50-step LCM grid (t = 19, 39, …, 999), the UNet predicts x0_ε = x − σ̃·ε̂ at the
+    snapped σ̃, and x̂0 = c_out·x0_ε + c_skip·x with c_skip = 0.25/((10t)² + 0.25),
+    c_out = 10t/√((10t)² + 0.25). ε-prediction models only (SD1.5, SDXL)."""
+
+    LCM_STEPS = 50
+
+    def __init__(self, patcher, path: str):
+        import comfy.lora
+        import comfy.model_sampling
+        import comfy.utils
+        from .config import ConfigError
+        ms = patcher.model.model_sampling
+        if not isinstance(ms, comfy.model_sampling.EPS) or isinstance(ms, comfy.model_sampling.V_PREDICTION):
+            raise ConfigError("the consistency-model jump needs an ε-prediction model (SD1.5, SDXL); "
+                              "leave sqdf_lcm_lora empty for this one")
+        try:
+            sd = comfy.utils.load_torch_file(path, safe_load=True)
+        except Exception as e:
+            raise ConfigError(f"cannot read the LCM-LoRA {path}: {e}") from e
+        key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+        patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
+        self.layers = []
+        for key, adapter in patches.items():
+            if not isinstance(key, str) or not key.endswith(".weight") or not hasattr(adapter, "calculate_weight"):
+                continue
+            module = comfy.utils.get_attr(patcher.model, key[:-len(".weight")])
+            if hasattr(module, "weight_function"):
+                self.layers.append((module, key, adapter))
+        if not self.layers:
+            raise ConfigError(f"the LCM-LoRA {path} matches no layer of this model: use the LCM-LoRA made for "
+                              "this base (SD1.5 or SDXL)")
+        self.name = path
+        sigmas = ms.sigmas
+        skip = len(sigmas) // self.LCM_STEPS
+        self.grid_t = torch.arange(skip - 1, len(sigmas), skip)     # 19, 39, …, 999
+        self.grid_sigma = sigmas[self.grid_t]
+
+    def snap(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest LCM-grid timestep (in log σ) and its σ, per sample."""
+        grid = self.grid_sigma.to(sigma)
+        i = (sigma.log().view(-1, 1) - grid.log().view(1, -1)).abs().argmin(1)
+        return self.grid_t.to(sigma.device)[i].to(sigma), grid[i]
+
+    def _function(self, key, adapter):
+        def lcm(w):
+            return adapter.calculate_weight(w.clone(), key, 1.0, 1.0, None, lambda d: d,
+                                            intermediate_dtype=torch.float32).to(w.dtype)
+        return lcm
+
+    def active(self):
+        """Weight functions = [LCM] on its layers (the policy LoRA off), restored on exit."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            saved = [(m, list(m.weight_function)) for m, _, _ in self.layers]
+            try:
+                for m, key, adapter in self.layers:
+                    m.weight_function = [self._function(key, adapter)]
+                yield
+            finally:
+                for m, functions in saved:
+                    m.weight_function = functions
+        return swap()
+
+    def jump(self, ctx: StepContext, x: torch.Tensor, sigma: torch.Tensor, guider, disabled) -> torch.Tensor:
+        """x̂0 from x at noise level ``sigma`` (B,), conditional branch only, differentiable in x."""
+        t, sigma_snap = self.snap(sigma)
+        cfg_before = guider.cfg
+        guider.cfg = 1.0
+        try:
+            with disabled(), self.active():
+                x0_eps = ctx.model(x, sigma_snap, **ctx.extra_args)
+        finally:
+            guider.cfg = cfg_before
+        ts = (t * 10.0).view(-1, 1, 1, 1)
+        c_skip = 0.25 / (ts ** 2 + 0.25)
+        c_out = ts / (ts ** 2 + 0.25) ** 0.5
+        return c_out * x0_eps + c_skip * x
