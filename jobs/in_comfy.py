@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 
 import torch
 
@@ -194,9 +193,3 @@ def wait(job: Job, progress=None, poll: float = 0.1) -> None:
     if job.state == "failed":
         raise TrainingError(f"training job {job.id} failed: {job.error}. Its last checkpoint is kept; fix the "
                             "problem and queue the graph again to resume it.")
-
-
-def wait_until_started(job: Job, timeout: float = 5.0) -> None:
-    end = time.time() + timeout
-    while job.state == "queued" and time.time() < end:
-        time.sleep(0.02)
