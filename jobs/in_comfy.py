@@ -138,7 +138,7 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
             def encode(text: str):
                 return clip.encode_from_tokens_scheduled(clip.tokenize(text))
             resume = job.checkpoint if os.path.exists(job.checkpoint) else None
-            job.truncate_metrics(load_checkpoint(resume)["step"] if resume else 0)
+            job.truncate_metrics(load_checkpoint(resume, mmap=True)["step"] if resume else 0)
             result = train(unet, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
                            should_stop=job.cancel.is_set, on_step=on_step, on_checkpoint=on_checkpoint)
@@ -151,8 +151,9 @@ def lora_from_checkpoint(job: Job) -> tuple[dict, int]:
     if not os.path.exists(job.checkpoint):
         raise JobError(f"job {job.id} has no checkpoint yet (state {job.state}, step {job.step}): wait for its "
                        f"first save (every {job.config.save_every} steps)")
-    state = load_checkpoint(job.checkpoint)
-    return state["lora"], int(state["step"])
+    state = load_checkpoint(job.checkpoint, mmap=True)  # the LoRA only, not the optimizer or replay buffer
+    # copies: no mapping of the file outlives this call (the job replaces it at its next save)
+    return {k: v.clone() for k, v in state["lora"].items()}, int(state["step"])
 
 
 def apply_lora(model, lora_sd: dict, strength: float = 1.0):

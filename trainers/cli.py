@@ -110,12 +110,12 @@ def _run(args: argparse.Namespace) -> int:
     from .engine import load_checkpoint, reward_from_model, train
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(ckpt) and not args.resume:
-        raise ConfigError(f"{args.out} already holds a run (checkpoint at step {load_checkpoint(ckpt)['step']}): "
+        raise ConfigError(f"{args.out} already holds a run (checkpoint at step {load_checkpoint(ckpt, mmap=True)['step']}): "
                           "pass --resume to continue it, or choose another --out")
     if args.resume:
         if not os.path.exists(ckpt):
             raise ConfigError(f"--resume: there is no checkpoint in {args.out}")
-        diff = resume_differences(TrainConfig.from_json(load_checkpoint(ckpt)["config"]), config)
+        diff = resume_differences(TrainConfig.from_json(load_checkpoint(ckpt, mmap=True)["config"]), config)
         if diff:
             raise ConfigError("the checkpoint was trained with other settings (" + "; ".join(diff) +
                               "): pass --config " + os.path.join(args.out, "config.json") + " to resume it as it was")

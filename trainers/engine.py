@@ -106,9 +106,11 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """``mmap=True`` maps the tensors instead of reading them: for a look at the step, the config or
+    the LoRA without reading the optimizer state and an SQDF replay buffer (gigabytes)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise TrainingError(f"cannot read the checkpoint {path}: {e}") from e
 
@@ -140,7 +142,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
 
     def decode(x0):  # keeps the newest decoded training image as a preview for on_checkpoint
         images = decode_images(x0)
-        preview["image"] = images[0].detach().float().cpu()
+        preview["image"] = images[0].detach()  # copied to the CPU only when a checkpoint uses it
         return images
     sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
     history: list[dict] = []
@@ -172,6 +174,9 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                              for ex in examples]
     batches = BatchSampler(latents, cfg.batch_size, gen) if latents else None
     cond_cache: dict[str, list] = {}
+
+    def pick_prompts(n: int) -> list[str]:
+        return [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(n)]
 
     def cond(text):
         if text not in cond_cache:
@@ -249,8 +254,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                 fresh = []
                 while len(fresh) < cfg.sqdf_collect:
                     n = min(cfg.batch_size, cfg.sqdf_collect - len(fresh))
-                    trajs, m = run_step("sqdf_collect", [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(n)],
-                                        None)
+                    trajs, m = run_step("sqdf_collect", pick_prompts(n), None)
                     fresh += trajs
                     metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / cfg.sqdf_collect
                 metrics["collect_seconds"] = time.perf_counter() - t0
@@ -266,16 +270,14 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                                           prioritised=cfg.sqdf_prioritised, gamma=cfg.sqdf_gamma)
                     m = run_step("sqdf_update", [t.prompt for t, _ in pairs], None, pairs)
                 elif cfg.objective == "refl":
-                    texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
-                    m = run_step("refl", texts, None)
+                    m = run_step("refl", pick_prompts(cfg.batch_size), None)
                 else:
                     picks = batches.next()
                     m = run_step("imagerefl", [p.caption for p in picks], torch.cat([p.image for p in picks]))
                 for k, v in m.items():
                     metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
             if cfg.objective == "imagerefl" and cfg.refl_every and (step + 1) % cfg.refl_every == 0:
-                texts = [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(cfg.batch_size)]
-                m = run_step("refl", texts, None)
+                m = run_step("refl", pick_prompts(cfg.batch_size), None)
                 metrics.update({f"regulariser_{k}": v for k, v in m.items()})
             if scaler is not None:
                 scaler.unscale_(optimizer)
@@ -304,7 +306,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
                 if ckpt_path:
                     save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler, replay)
                 if on_checkpoint is not None and "image" in preview:
-                    on_checkpoint(step, preview["image"])  # (3, H, W) in [0, 1]: the x̂0 the reward saw
+                    on_checkpoint(step, preview["image"].float().cpu())  # (3, H, W) in [0, 1]: the x̂0 the reward saw
 
     lora_path = None
     if out_dir:
