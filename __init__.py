@@ -11,7 +11,12 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():
     from .nodes import RewardTuneExtension, add_routes
 
-    add_routes()
+    try:
+        add_routes()
+    except Exception:  # the job routes or the jobs folder: the nodes must load all the same
+        import logging
+        logging.getLogger("rewardtune").exception("RewardTune: the training-job routes could not start; "
+                                                  "the nodes are loaded, the RewardTune panel is not")
     return RewardTuneExtension()
 
 

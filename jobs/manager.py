@@ -38,7 +38,7 @@ from typing import Callable
 from ..trainers.atomic import atomic_write
 from ..trainers.config import TrainConfig
 
-JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}$")
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}\Z")  # \Z: "$" would accept a trailing newline
 STATES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
 ACTIVE = ("queued", "running")
 MAX_QUEUED = 4
@@ -70,6 +70,30 @@ def fingerprint(*parts) -> str:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\0")
     return h.hexdigest()[:10]
+
+
+def checkpoint_step(path: str) -> int:
+    """The step saved in a checkpoint, read through mmap: the optimizer state and an SQDF replay
+    buffer (gigabytes) stay on disk."""
+    import torch
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or step < 0:
+        raise ValueError("it holds no step")
+    return step
+
+
+def resume_step(job: "Job") -> tuple[int, str | None]:
+    """(the step a resume of ``job`` starts from, the job's error): its checkpoint's step, 0 without
+    one; an unreadable checkpoint gives 0 and an error that says what to do."""
+    if not os.path.exists(job.checkpoint):
+        return 0, job.error
+    try:
+        return checkpoint_step(job.checkpoint), job.error
+    except Exception as e:
+        log.warning("RewardTune: job %s: cannot read its checkpoint: %s", job.id, e)
+        return 0, (f"its checkpoint cannot be read ({type(e).__name__}): delete {job.checkpoint} to train "
+                   "this job again from step 0, or queue the workflow with another job name")
 
 
 @dataclass
@@ -129,20 +153,45 @@ class Job:
         data.update(fingerprint=self.fingerprint, prompt=self.prompt)
         write_text(os.path.join(self.dir, "job.json"), json.dumps(data, indent=1))
 
+    def read_metrics(self) -> tuple[list[dict], list[int]]:
+        """(rows, numbers of the lines skipped). A line that is not a JSON object with a whole
+        ``step`` (half-written by a crash or a full disk mid-append) is skipped, never raised."""
+        rows, torn = [], []
+        try:
+            with open(self.metrics_file, encoding="utf-8", errors="replace") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                            raise ValueError("not a metrics row")
+                    except ValueError:
+                        torn.append(n)
+                        continue
+                    rows.append(row)
+        except FileNotFoundError:
+            pass
+        return rows, torn
+
     def metrics(self, since: int = 0, limit: int = 1000) -> list[dict]:
         """Metric lines with step > since, at most ``limit`` (the newest when there are more)."""
-        if not os.path.exists(self.metrics_file):
-            return []
-        with open(self.metrics_file, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = [r for r in rows if r.get("step", 0) > since]
+        rows = [r for r in self.read_metrics()[0] if r["step"] > since]
         return rows[-limit:]
 
+    def warn_torn(self, torn: list[int]) -> None:
+        if torn:
+            log.warning("RewardTune: job %s: skipping %d torn line(s) in metrics.jsonl (line %s; a crash or a "
+                        "full disk mid-write); the other lines are kept", self.id, len(torn),
+                        ", ".join(map(str, torn[:5])))
+
     def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines after ``step``: a resumed run repeats the steps after its checkpoint."""
-        rows = self.metrics(limit=10 ** 9)
-        kept = [r for r in rows if r.get("step", 0) <= step]
-        if len(kept) != len(rows) or step == 0:
+        """Drop metric lines after ``step``: a resumed run repeats the steps after its checkpoint.
+        Torn lines go too (the next line would be appended to a line without its newline)."""
+        rows, torn = self.read_metrics()
+        self.warn_torn(torn)
+        kept = [r for r in rows if r["step"] <= step]
+        if len(kept) != len(rows) or torn or step == 0:
             write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
         self.step, self.last = step, (kept[-1] if kept else {})
 
@@ -169,31 +218,53 @@ class JobManager:
     # ---- registry
     def _scan(self) -> None:
         """Jobs left on disk by an earlier server: listed; a job that was queued or running when the
-        server stopped is marked interrupted (resumable from its checkpoint)."""
-        for name in sorted(os.listdir(self.root)):
-            path = os.path.join(self.root, name, "job.json")
-            if not JOB_ID.match(name) or not os.path.exists(path):
-                continue
+        server stopped is marked interrupted (resumable from its checkpoint). A damaged folder (a
+        torn job.json, an unreadable config) is skipped with a warning, alone: it never hides the
+        other jobs, nor stops the server or the pack from starting."""
+        try:
+            names = sorted(os.listdir(self.root))
+        except OSError as e:
+            log.warning("RewardTune: cannot list the jobs folder %s: %s", self.root, e)
+            return
+        for name in names:
             try:
-                with open(path, encoding="utf-8") as f:
-                    data = json.load(f)
-                config = TrainConfig.from_json(json.dumps(data["config"])) if "config" in data else \
-                    TrainConfig.from_json(open(os.path.join(self.root, name, "config.json"), encoding="utf-8").read())
+                job = self._load(name)
             except Exception as e:  # a damaged job folder must not stop the server from starting
                 log.warning("RewardTune: skipping job folder %s: %s", name, e)
                 continue
-            job = Job(name, os.path.join(self.root, name), data.get("name", name), config, data.get("fingerprint", ""),
-                      state=data.get("state", "interrupted"), step=int(data.get("step", 0)), error=data.get("error"),
-                      created=data.get("created", time.time()), prompt=data.get("prompt"))
-            rows = job.metrics(limit=1)
-            job.last = rows[-1] if rows else {}
-            job.step = max(job.step, int(job.last.get("step", 0)))
-            if job.state in ACTIVE:
-                job.state = "interrupted"
-                job.save()
-            if job.state not in ACTIVE:
-                job.done.set()
-            self._jobs[job.id] = job
+            if job is not None:
+                self._jobs[job.id] = job
+
+    def _load(self, name: str) -> Job | None:
+        folder = os.path.join(self.root, name)
+        path = os.path.join(folder, "job.json")
+        if not JOB_ID.match(name) or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise ValueError("job.json does not hold a JSON object")
+        if "config" in data:
+            config = TrainConfig.from_json(json.dumps(data["config"]))
+        else:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                config = TrainConfig.from_json(f.read())
+        state = data.get("state")
+        job = Job(name, folder, str(data.get("name", name)), config, str(data.get("fingerprint", "")),
+                  state=state if state in STATES else "interrupted", error=data.get("error"),
+                  created=float(data.get("created", time.time())), prompt=data.get("prompt"))
+        # the step a resume starts from is the checkpoint's, not the last logged one: a kill
+        # between a step's metrics line and its checkpoint leaves the log ahead
+        job.step, job.error = resume_step(job)
+        rows, torn = job.read_metrics()
+        job.warn_torn(torn)
+        done = [r for r in rows if r["step"] <= job.step]
+        job.last = done[-1] if done else {}
+        if job.state in ACTIVE:
+            job.state = "interrupted"
+            job.save()
+        job.done.set()
+        return job
 
     def get(self, job_id: str) -> Job | None:
         if not isinstance(job_id, str) or not JOB_ID.match(job_id):
@@ -278,6 +349,7 @@ class JobManager:
         except Exception as e:  # the job fails; the server and the last checkpoint are kept
             job.state, job.error = "failed", f"{type(e).__name__}: {e}"
             log.error("RewardTune job %s failed:\n%s", job.id, traceback.format_exc())
+            job.step = resume_step(job)[0]  # what a resume starts from, not the last logged step
         finally:
             job.spec = None  # drop the live models
             job.save()

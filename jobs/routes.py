@@ -8,8 +8,12 @@
 Websocket events (``send_sync`` to every client): ``rewardtune.job`` (a job's status changed) and
 ``rewardtune.progress`` (one per optimizer step: id, step, steps, metrics).
 
-Ids are checked against an allow-list before any file is touched: aiohttp decodes %2F and %2E
-before routing, so ``../x`` does reach the handler.
+Status codes: an id that names no job answers **404**, whatever is wrong with it: unknown, malformed,
+or a traversal attempt however encoded (``..%2F..%2Fx``, ``%2E%2E``, ``..%5Cx``, double-encoded…).
+Ids are checked against an allow-list (letters, digits, - and _) before any file is touched: aiohttp
+decodes %2F and %2E before routing, so ``../x`` does reach the handler, and an id it cannot route
+gets aiohttp's own 404. 400 is kept for bad query values (``since``, ``limit``); 409 for a resume
+that cannot be queued.
 """
 from __future__ import annotations
 
@@ -26,12 +30,10 @@ MAX_METRICS = 5000
 
 def _job_or_404(request):
     job_id = request.match_info.get("job_id", "")
-    if not JOB_ID.match(job_id):
-        raise web.HTTPBadRequest(text=f"invalid job id {job_id[:100]!r}: ids are letters, digits, - and _",
-                                 content_type="text/plain")
-    job = get_manager().get(job_id)
-    if job is None:
-        raise web.HTTPNotFound(text=f"no training job {job_id!r}", content_type="text/plain")
+    job = get_manager().get(job_id) if JOB_ID.match(job_id) else None
+    if job is None:  # the same answer for a malformed id: one status, the id is not echoed back
+        raise web.HTTPNotFound(text="no such training job: ids are letters, digits, - and _ (GET /rewardtune/jobs "
+                                    "lists them)", content_type="text/plain")
     return job
 
 

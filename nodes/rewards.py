@@ -66,7 +66,9 @@ class ScoreImages(io.ComfyNode):
             node_id="RewardTuneScoreImages",
             display_name="Reward Score",
             category=CATEGORY,
-            description="Scores each image of a batch with a reward model and shows the scores on the node.",
+            description="Scores each image of a batch with a reward model and shows the scores on the node. Images "
+                        "with NaN or inf (non-finite) pixels, e.g. from an fp16 overflow upstream, stop the prompt "
+                        "with an error naming their positions.",
             is_output_node=True,
             inputs=[RewardModelType.Input("reward_model", tooltip="From Load Reward Model."),
                     io.Image.Input("images", tooltip="The images to score (any size; resized to the model's 224² input)."),
@@ -96,7 +98,9 @@ class BestOfN(io.ComfyNode):
             node_id="RewardTuneBestOfN",
             display_name="Reward Best-of-N",
             category=CATEGORY,
-            description="Ranks a batch by reward and keeps the top k images, best first.",
+            description="Ranks a batch by reward and keeps the top k images, best first. Images with NaN or inf "
+                        "(non-finite) pixels, e.g. from an fp16 overflow upstream, stop the prompt with an error "
+                        "naming their positions: they are never kept as the best.",
             inputs=[RewardModelType.Input("reward_model", tooltip="From Load Reward Model."),
                     io.Image.Input("images", tooltip="The candidates, e.g. one prompt sampled with N seeds."),
                     *_prompt_inputs(),

@@ -54,18 +54,40 @@ def _lora_files() -> list[str]:
     return [f for f in folder_paths.get_filename_list("loras") if not f.startswith("rewardtune/")]
 
 
+def _roots() -> list[str]:
+    """ComfyUI's input folder, plus the folders the user opted in with REWARDTUNE_ALLOW_PATHS."""
+    import folder_paths
+    from ..trainers.data import allowed_roots
+    return allowed_roots(folder_paths.get_input_directory())
+
+
 def _dataset(folder: str, images, captions: str, cfg: TrainConfig):
     from ..trainers.data import examples_from_graph, load_examples
     if images is not None:
         lines = [c for c in (captions or "").splitlines() if c.strip()]
         return examples_from_graph(images, lines or [""], cfg.width, cfg.height)
     if folder.strip():
-        import folder_paths
-        path = folder.strip()
-        if not os.path.isabs(path):
-            path = os.path.join(folder_paths.get_input_directory(), path)
-        return load_examples(path, cfg.width, cfg.height)
+        return load_examples(folder.strip(), cfg.width, cfg.height, roots=_roots())
     return None
+
+
+_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def _config_overrides(config_json: str) -> dict:
+    """config_json as a dict of TrainConfig settings, or one error that says how to write it."""
+    try:
+        extra = json.loads(config_json)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config_json is not valid JSON ({e}): write it like {{\"cfg\": 5.0}}") from e
+    if not isinstance(extra, dict):
+        raise ConfigError(f"config_json must be a JSON object like {{\"cfg\": 5.0}} (setting names and their values), "
+                          f"got {_JSON_TYPES.get(type(extra), type(extra).__name__)}: wrap the settings in {{ }}")
+    if "sqdf_lcm_lora" in extra:
+        raise ConfigError("config_json cannot set sqdf_lcm_lora: pick the LCM-LoRA with the lcm_lora input "
+                          "(files in the loras folder)")
+    return extra
 
 
 class TrainRewardLoRA(io.ComfyNode):
@@ -101,11 +123,17 @@ class TrainRewardLoRA(io.ComfyNode):
                                        "buffer, discount, KL to the base; x̂0 by an LCM-LoRA's consistency jump, "
                                        "see lcm_lora)."),
                 io.String.Input("prompts", multiline=True, default="",
-                                tooltip="ReFL / SQDF prompts, one per line (# starts a comment). ImageReFL uses them "
-                                        "only for the optional ReFL regulariser."),
+                                tooltip="ReFL / SQDF prompts, one per line (# starts a comment), or the path of a "
+                                        ".txt file of them in ComfyUI's input folder (other folders only when listed "
+                                        "in REWARDTUNE_ALLOW_PATHS, see dataset_folder). ImageReFL uses them only "
+                                        "for the optional ReFL regulariser."),
                 io.String.Input("dataset_folder", default="",
-                                tooltip="ImageReFL: a folder of images with same-named .txt captions (relative "
-                                        "paths are in ComfyUI's input folder). Ignored when images are connected."),
+                                tooltip="ImageReFL: a folder of images with same-named .txt captions, in ComfyUI's "
+                                        "input folder (a relative path such as my_dataset starts there). Folders "
+                                        "elsewhere are refused unless listed in the environment variable "
+                                        "REWARDTUNE_ALLOW_PATHS when ComfyUI starts (e.g. "
+                                        "REWARDTUNE_ALLOW_PATHS=/data:/home/me/sets; ';' between folders on "
+                                        "Windows). Ignored when images are connected."),
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
                 io.Float.Input("learning_rate", default=3e-4, min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the LoRA weights."),
@@ -156,11 +184,14 @@ class TrainRewardLoRA(io.ComfyNode):
                                        precision=precision, grad_checkpointing=gradient_checkpointing,
                                        save_every=save_every, seed=seed), preset)
         if config_json.strip():
+            extra = _config_overrides(config_json)
             try:
-                extra = json.loads(config_json)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config_json is not valid JSON ({e}): write it like {{\"cfg\": 5.0}}") from e
-            cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), **extra}))
+                cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), **extra}))
+            except (TypeError, ValueError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"config_json holds a value of the wrong type ({e}): write numbers as numbers "
+                                  f"and text in quotes, e.g. {{\"lr\": 0.001, \"objective\": \"refl\"}}") from e
         if cfg.objective == "sqdf" and lcm_lora and lcm_lora != "(none)":
             import folder_paths
             path = folder_paths.get_full_path("loras", lcm_lora)
@@ -168,7 +199,7 @@ class TrainRewardLoRA(io.ComfyNode):
                 raise ConfigError(f"LCM-LoRA {lcm_lora!r} is not in the loras folder any more: pick another or (none)")
             cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), "sqdf_lcm_lora": path}))
         cfg.validate()
-        prompt_list = parse_prompts(prompts) if prompts.strip() else None
+        prompt_list = parse_prompts(prompts, roots=_roots()) if prompts.strip() else None
         data = _dataset(dataset_folder, images, captions, cfg) if cfg.objective == "imagerefl" else None
         if cfg.objective == "imagerefl" and not data:
             raise ConfigError("ImageReFL trains on real images: set dataset_folder or connect images")

@@ -62,9 +62,36 @@ def resolve_weights_file(path: str) -> str:
     return path
 
 
+def _why(e: Exception) -> str:
+    """An exception as words: some (EOFError, KeyError) have an empty or bare message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text}" if text and not isinstance(e, KeyError) else type(e).__name__
+
+
+def check_weights_file(path: str) -> None:
+    """Say what a file is when it cannot be weights, before a loader fails on it with a bare
+    message: empty, a Git LFS pointer, or (for the PyTorch formats) not a zip or pickle at all."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise RewardModelError(f"{path} is empty (0 bytes): the download or copy was cut short. Download the "
+                               "file again and replace it")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"version https://git-lfs"):
+        raise RewardModelError(f"{path} is a Git LFS pointer ({size} bytes of text standing in for the weights), "
+                               "not the weights: download the file itself (git lfs pull, or the model page's "
+                               "download link)")
+    # torch.save writes a zip archive (PK..); the legacy format starts with a pickle protocol mark
+    if not path.endswith(".safetensors") and not head.startswith((b"PK", b"\x80")):
+        looks = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "other data"
+        raise RewardModelError(f"{path} is not a PyTorch weights file (it holds {looks}, e.g. an error page or "
+                               "a note saved under the model's name): download the weights again")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read weights from .safetensors / .pt / .pth / .bin / .ckpt (or an HF folder)."""
     path = resolve_weights_file(path)
+    check_weights_file(path)
     if path.endswith(".safetensors"):
         import safetensors.torch
         try:
@@ -72,7 +99,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         except RewardModelError:
             raise
         except Exception as e:  # truncated or not a safetensors file
-            raise RewardModelError(f"cannot read {path} as safetensors: {e}") from e
+            raise RewardModelError(f"cannot read {path} as safetensors ({_why(e)}): the file is damaged or not "
+                                   "safetensors; download it again") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
@@ -82,12 +110,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as e:
             raise _unsafe(path, e) from e
         except Exception as e:
-            raise RewardModelError(f"cannot read {path} as a PyTorch weights file: {e}") from e
+            raise _unreadable(path, e) from e
     except pickle.UnpicklingError as e:
         raise _unsafe(path, e) from e
     except Exception as e:
-        raise RewardModelError(f"cannot read {path} as a PyTorch weights file: {e}") from e
+        raise _unreadable(path, e) from e
     return _unwrap(obj, path)
+
+
+def _unreadable(path: str, e: Exception) -> RewardModelError:
+    return RewardModelError(f"cannot read {path} as a PyTorch weights file ({_why(e)}): it is truncated or "
+                            "damaged; download it again")
 
 
 def _unsafe(path: str, e: Exception) -> RewardModelError:

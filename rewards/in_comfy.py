@@ -17,6 +17,7 @@ import folder_paths
 from .base import RewardModel
 from .checkpoint import OFFICIAL_FILES, RewardModelError, WEIGHT_SUFFIXES
 from .loader import load_reward_model
+from .preprocess import check_finite_images, check_finite_scores
 
 FOLDER = "reward_models"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -114,16 +115,22 @@ def split_prompts(prompt: str, per_line: bool) -> list[str]:
 
 def score_images(handle: RewardHandle, images: torch.Tensor, prompts: list[str],
                  batch_size: int = 8) -> torch.Tensor:
-    """Scores (B,) on the CPU, with a progress bar and interrupt between batches."""
+    """Scores (B,) on the CPU, with a progress bar and interrupt between batches. Images with NaN
+    or inf pixels are refused by position (``RewardInputError``), as are non-finite scores."""
+    check_finite_images(images)
     model = handle.load()
     with torch.no_grad():
-        return model.score(images.to(model.device), prompts, batch_size=batch_size,
-                           on_batch=progress_hook(images.shape[0])).cpu()
+        scores = model.score(images.to(model.device), prompts, batch_size=batch_size,
+                             on_batch=progress_hook(images.shape[0])).cpu()
+    check_finite_scores(scores, model.dtype)
+    return scores
 
 
 def rank(scores: torch.Tensor, top_k: int) -> list[int]:
-    """Indices of the top_k scores, best first (ties keep batch order)."""
-    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    """Indices of the top_k scores, best first (ties keep batch order; a NaN ranks last, where
+    ``torch.sort`` would put it first)."""
+    key = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    order = torch.sort(key, descending=True, stable=True).indices.tolist()
     return order[:max(1, min(top_k, len(order)))]
 
 

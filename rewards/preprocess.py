@@ -53,6 +53,41 @@ def as_rgb_bchw(images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
     return images
 
 
+def _positions(idx: list[int]) -> str:
+    more = f" and {len(idx) - 8} more" if len(idx) > 8 else ""
+    return ", ".join(f"#{i}" for i in idx[:8]) + more
+
+
+def check_finite_images(images: torch.Tensor) -> None:
+    """Refuse images with NaN or inf pixels, naming them by batch position. A reward scores them
+    NaN and a NaN sorts first, so a best-of-N would keep the broken image as the best."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim < 2:
+        return
+    flat = images.detach().reshape(images.shape[0], -1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero().flatten().tolist()
+    kinds = [k for k, has in (("NaN", bool(torch.isnan(flat).any())), ("inf", bool(torch.isinf(flat).any()))) if has]
+    one = len(idx) == 1
+    raise RewardInputError(
+        f"image{'' if one else 's'} {_positions(idx)} of the batch ha{'s' if one else 've'} {' and '.join(kinds)} "
+        "(non-finite) pixels: no reward can rank them. They come from upstream, usually an fp16 overflow in the "
+        "model or the VAE decode: decode in fp32 (a VAE loaded in fp32, or ComfyUI's --fp32-vae), lower the CFG, "
+        "or leave those images out of the batch")
+
+
+def check_finite_scores(scores: torch.Tensor, dtype: torch.dtype) -> None:
+    """Finite images that scored NaN or inf: the reward model itself overflowed."""
+    from .checkpoint import RewardModelError
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        raise RewardModelError(
+            f"the reward model gave non-finite scores for image(s) {_positions(bad.nonzero().flatten().tolist())} "
+            f"although their pixels are finite: it overflows in {str(dtype).replace('torch.', '')}; set precision "
+            "to fp32 in Load Reward Model")
+
+
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Shorter side to ``size`` (bicubic, antialiased), then a centred ``size``² crop (BCHW)."""
     h, w = images.shape[-2:]

@@ -27,6 +27,41 @@ class Example:
     source: str          # file path or "graph[i]"
 
 
+# ------------------------------------------------------------------------------ allowed folders
+ALLOW_PATHS_ENV = "REWARDTUNE_ALLOW_PATHS"
+
+
+def allowed_roots(input_dir: str) -> list[str]:
+    """The folders a server may read training data from: ComfyUI's input folder (first: relative
+    paths start there), then those listed in $REWARDTUNE_ALLOW_PATHS (separated by os.pathsep,
+    ':' on Linux/macOS, ';' on Windows), an opt-in for people on their own machine."""
+    extra = [os.path.expanduser(p.strip()) for p in os.environ.get(ALLOW_PATHS_ENV, "").split(os.pathsep)]
+    return [input_dir] + [p for p in extra if os.path.isabs(p)]
+
+
+def _inside(real: str, roots: Sequence[str]) -> bool:
+    for root in roots:
+        r = os.path.realpath(root)
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def confine(path: str, roots: Sequence[str], what: str) -> str:
+    """``path`` resolved (``..`` and symlinks included; a relative path starts in ``roots[0]``) if it
+    lies inside one of ``roots``. Otherwise one refusal, decided before anything is read and worded
+    the same whether the path exists or not, so it tells nothing about the disk."""
+    p = os.path.expanduser(str(path).strip())
+    real = os.path.realpath(p if os.path.isabs(p) else os.path.join(roots[0], p))
+    if _inside(real, roots):
+        return real
+    raise DatasetError(
+        f"{what} {str(path).strip()!r} is outside ComfyUI's input folder: training data is read only from the "
+        "input folder and its subfolders. Put it there and give its path relative to the input folder (e.g. "
+        f"my_dataset), or, on your own machine, allow more folders with the environment variable {ALLOW_PATHS_ENV} "
+        f"(e.g. {ALLOW_PATHS_ENV}=/data:/home/me/sets) when starting ComfyUI")
+
+
 # ------------------------------------------------------------------------------ image folder
 def _read_caption(path: str) -> str:
     try:
@@ -41,10 +76,11 @@ def _read_caption(path: str) -> str:
     return caption
 
 
-def read_image_folder(folder: str) -> list[tuple[str, str]]:
+def read_image_folder(folder: str, roots: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """(image_path, caption) pairs for every image in ``folder`` (not recursive, sorted by name),
-    each captioned by the .txt file of the same name."""
-    folder = os.path.expanduser(str(folder))
+    each captioned by the .txt file of the same name. With ``roots`` (the server: ``allowed_roots``)
+    the folder, and every file read from it, must lie inside one of them (``confine``)."""
+    folder = confine(folder, roots, "dataset folder") if roots else os.path.expanduser(str(folder))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise DatasetError(f"dataset folder {folder!r} {what}: give the path of a folder holding "
@@ -61,6 +97,10 @@ def read_image_folder(folder: str) -> list[tuple[str, str]]:
     for name in images:
         path = os.path.join(folder, name)
         txt = os.path.splitext(path)[0] + ".txt"
+        for f in (path, txt) if roots else ():
+            if os.path.lexists(f) and not _inside(os.path.realpath(f), roots):
+                raise DatasetError(f"{os.path.basename(f)} in the dataset folder is a link to a file outside the "
+                                   f"allowed folders: copy the file itself into the folder (or see {ALLOW_PATHS_ENV})")
         if os.path.isfile(txt):
             pairs.append((path, _read_caption(txt)))
         else:
@@ -136,10 +176,11 @@ def _bucketize(items, width: int, height: int, bucketing: bool, step: int) -> di
 
 
 def load_examples(pairs_or_folder, width: int, height: int, bucketing: bool = True,
-                  bucket_step: int = 64) -> dict[tuple[int, int], list[Example]]:
+                  bucket_step: int = 64, roots: Sequence[str] | None = None) -> dict[tuple[int, int], list[Example]]:
     """Decode a folder (or (path, caption) pairs) into {(h, w): [Example, ...]}, each image in the
-    bucket closest to its aspect ratio (all at (height, width) without bucketing)."""
-    pairs = read_image_folder(pairs_or_folder) if isinstance(pairs_or_folder, (str, os.PathLike)) \
+    bucket closest to its aspect ratio (all at (height, width) without bucketing). ``roots``: see
+    ``read_image_folder`` (None, as in the CLI: any folder the user names)."""
+    pairs = read_image_folder(pairs_or_folder, roots) if isinstance(pairs_or_folder, (str, os.PathLike)) \
         else list(pairs_or_folder)
     if not pairs:
         raise DatasetError("the dataset is empty: give at least one image with a caption")
@@ -168,12 +209,15 @@ def examples_from_graph(images: torch.Tensor, captions, width: int, height: int,
 
 
 # ------------------------------------------------------------------------------ prompts
-def parse_prompts(text_or_path: str) -> list[str]:
+def parse_prompts(text_or_path: str, roots: Sequence[str] | None = None) -> list[str]:
     """Prompts, one per non-empty line ('#' starts a comment line), from a .txt file path or a
-    multiline string."""
+    multiline string. With ``roots`` a file must lie inside one of them (``confine``; a relative
+    path starts in ``roots[0]``); without, any path (the CLI)."""
     text, where = str(text_or_path), "the prompt text"
     candidate = os.path.expanduser(text.strip())
     if "\n" not in candidate and candidate.lower().endswith(".txt"):
+        if roots:
+            candidate = confine(candidate, roots, "prompt file")
         if not os.path.isfile(candidate):  # a one-line prompt ending in .txt is surely a mistyped path
             raise DatasetError(f"prompt file {candidate!r} does not exist: fix the path, "
                                "or type the prompts one per line instead")

@@ -1,0 +1,320 @@
+"""Bad input through the real host: damaged job folders after a server kill, traversal ids on the
+job routes, non-finite images, paths outside ComfyUI's input folder, broken reward files and a
+config_json that is not an object. Each must give one clear error (or be skipped with a warning)
+and never hide the pack, the job list or the other jobs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+import urllib.error
+
+import pytest
+import torch
+
+from rewardtune.testing.comfy_host import ComfyServer
+
+SMALL = {"num_steps": 4, "refl_stop_min": 2, "refl_stop_max": 3, "cfg": 2.0,
+         "imagerefl_start": 2, "imagerefl_tf_min": 2, "imagerefl_tf_max": 3}
+OUR_NODES = ("RewardTuneTrainLoRA", "RewardTuneLoadTrainedLoRA", "RewardTuneBestOfN", "RewardTuneCombinedKSampler")
+
+
+def train_prompt(models_tree, reward_tree, *, name, steps, save_every, seed=0, objective="refl",
+                 prompts="a red apple\na blue car", dataset_folder="", config_json=None):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+        "2": {"class_type": "RewardTuneLoadRewardModel",
+              "inputs": {"reward_model": reward_tree["files"]["hpsv2"], "reward_type": "auto", "precision": "fp32",
+                         "aesthetic_clip": "(none)"}},
+        "3": {"class_type": "RewardTuneTrainLoRA",
+              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward_model": ["2", 0],
+                         "job_name": name, "mode": "background", "preset": "custom (the settings below)",
+                         "objective": objective, "prompts": prompts, "dataset_folder": dataset_folder,
+                         "steps": steps, "learning_rate": 1e-3, "rank": 2, "batch_size": 1, "grad_accum": 1,
+                         "width": 64, "height": 64, "precision": "fp32", "gradient_checkpointing": False,
+                         "save_every": save_every, "seed": seed,
+                         "config_json": json.dumps(SMALL) if config_json is None else config_json}},
+    }
+
+
+# ------------------------------------------------------------------ a server killed mid-job, restarted
+def _logged_steps(path: str) -> list[int]:
+    steps = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    steps.append(int(json.loads(line)["step"]))
+                except (ValueError, KeyError):
+                    pass  # a line being appended right now
+    return steps
+
+
+def _saved_step(path: str) -> int:
+    return int(torch.load(path, weights_only=True)["step"]) if os.path.exists(path) else 0
+
+
+@pytest.fixture(scope="module")
+def restarted(models_tree, reward_tree, tmp_path_factory):
+    """A job killed with its server after a step that was logged but not yet checkpointed, its last
+    metrics line then torn (a crash mid-append), two damaged copies of its folder beside it, and a
+    fresh server started on the same folders."""
+    work = str(tmp_path_factory.mktemp("killed"))
+    steps, save_every = 10, 3
+    srv = ComfyServer(work, models_tree["yaml"]).start()
+    try:
+        prompt = train_prompt(models_tree, reward_tree, name="torn", steps=steps, save_every=save_every, seed=9)
+        assert srv.wait(srv.queue(prompt), timeout=120)["status"]["status_str"] == "success"
+        (job_id,) = [j["id"] for j in srv.get("/rewardtune/jobs")["jobs"] if j["name"] == "torn"]
+        jdir = os.path.join(work, "output", "rewardtune", "jobs", job_id)
+        metrics, ckpt = os.path.join(jdir, "metrics.jsonl"), os.path.join(jdir, "checkpoint.pt")
+        # freeze the server (SIGSTOP) right after a step that is logged but not checkpointed, check
+        # that on disk, then kill it: deterministic whatever the speed of the machine
+        deadline, logged, saved = time.time() + 180, 0, 0
+        while time.time() < deadline:
+            done = _logged_steps(metrics)
+            if done and done[-1] > save_every and done[-1] % save_every:
+                os.killpg(srv.proc.pid, signal.SIGSTOP)
+                logged, saved = _logged_steps(metrics)[-1], _saved_step(ckpt)
+                if logged > saved > 0:
+                    break
+                os.killpg(srv.proc.pid, signal.SIGCONT)
+            time.sleep(0.01)
+        assert logged > saved > 0, f"could not catch the job between checkpoints; log:\n{srv.log_tail()}"
+    finally:
+        os.killpg(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait()
+        srv.stop()
+    # the last line half-written, as a crash or a full disk mid-append leaves it
+    with open(metrics, "rb") as f:
+        data = f.read()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    with open(metrics, "wb") as f:
+        f.write(data[:start + (len(data) - start) // 2])
+    jobs_root = os.path.dirname(jdir)
+    # damaged neighbours: a torn job.json, an unreadable checkpoint
+    bad_json, bad_ckpt = "brokenjson-0000000001", "brokenckpt-0000000002"
+    shutil.copytree(jdir, os.path.join(jobs_root, bad_json))
+    with open(os.path.join(jobs_root, bad_json, "job.json"), "w", encoding="utf-8") as f:
+        f.write('{"name": "brok')
+    shutil.copytree(jdir, os.path.join(jobs_root, bad_ckpt))
+    with open(os.path.join(jobs_root, bad_ckpt, "checkpoint.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 not really a zip")
+    srv2 = ComfyServer(work, models_tree["yaml"]).start()
+    try:
+        yield {"srv": srv2, "id": job_id, "logged": logged, "saved": saved, "steps": steps,
+               "bad_json": bad_json, "bad_ckpt": bad_ckpt}
+    finally:
+        srv2.stop()
+
+
+@pytest.mark.server
+def test_a_torn_metrics_line_and_broken_jobs_hide_nothing(restarted):
+    srv, job_id = restarted["srv"], restarted["id"]
+    info = srv.get("/object_info")
+    for node in OUR_NODES:
+        assert node in info, f"{node} missing: the pack failed to import\n{srv.log_tail()}"
+    listed = {j["id"]: j for j in srv.get("/rewardtune/jobs")["jobs"]}  # 200, or urllib raises
+    assert job_id in listed and restarted["bad_ckpt"] in listed, (list(listed), srv.log_tail())
+    assert restarted["bad_json"] not in listed  # skipped with a warning, alone
+    log = srv.log_tail(100_000)
+    assert f"skipping job folder {restarted['bad_json']}" in log
+    # the torn line is reported, not silently dropped
+    assert any(job_id in line and "torn line" in line and "metrics.jsonl" in line for line in log.splitlines()), log
+    # the job's page answers and its metrics are the whole lines only
+    st = srv.get(f"/rewardtune/jobs/{job_id}?limit=5000")
+    assert [m["step"] for m in st["metrics"]] == list(range(1, restarted["logged"]))
+
+
+@pytest.mark.server
+def test_the_list_shows_the_step_a_resume_starts_from(restarted):
+    srv, job_id, saved, steps = restarted["srv"], restarted["id"], restarted["saved"], restarted["steps"]
+    listed = {j["id"]: j for j in srv.get("/rewardtune/jobs")["jobs"]}
+    job = listed[job_id]
+    assert job["state"] == "interrupted" and job["has_checkpoint"]
+    assert job["step"] == saved < restarted["logged"], (job["step"], saved, restarted["logged"])
+    assert job["last"]["step"] == saved  # the metrics shown are those of that step
+    broken = listed[restarted["bad_ckpt"]]
+    assert broken["step"] == 0 and "checkpoint" in broken["error"] and "delete" in broken["error"], broken
+    before = srv.get(f"/rewardtune/jobs/{job_id}?limit=5000")["metrics"]
+    # resume: the log then holds every step once (the torn line is gone), the steps up to the
+    # checkpoint untouched (a run restarted from zero would rewrite them, timings included)
+    res = srv.post(f"/rewardtune/jobs/{job_id}/resume", {})
+    assert res["queued"]
+    assert srv.wait(res["prompt_id"], timeout=120)["status"]["status_str"] == "success"
+    deadline = time.time() + 240
+    while srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"] != "finished" and time.time() < deadline:
+        time.sleep(0.3)
+    st = srv.get(f"/rewardtune/jobs/{job_id}?limit=5000")
+    assert st["job"]["state"] == "finished" and st["job"]["step"] == steps, (st["job"], srv.log_tail())
+    assert [m["step"] for m in st["metrics"]] == list(range(1, steps + 1))
+    assert st["metrics"][:saved] == before[:saved]
+
+
+TRAVERSAL_IDS = ("..%2F..%2Fx", "..%2F..%2F..%2Fetc%2Fpasswd", "%2E%2E", "%2E%2E%2F%2E%2E%2Fx", "a%2E%2E",
+                 "..%5C..%5Cx", "%252E%252E%252Fx", "x%00y", "nope-123", "nope-123%0A", "-leading-dash", "a" * 81)
+
+
+@pytest.mark.server
+def test_traversal_ids_answer_404_on_every_route(restarted):
+    """jobs/routes.py documents it: an id that names no job (unknown, malformed, a traversal
+    attempt, however encoded) answers 404."""
+    srv = restarted["srv"]
+    seen = {}
+    for jid in TRAVERSAL_IDS:
+        for method, path in (("GET", f"/rewardtune/jobs/{jid}"), ("GET", f"/api/rewardtune/jobs/{jid}"),
+                             ("POST", f"/rewardtune/jobs/{jid}/cancel"), ("POST", f"/rewardtune/jobs/{jid}/resume"),
+                             ("POST", f"/api/rewardtune/jobs/{jid}/cancel")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                srv.get(path) if method == "GET" else srv.post(path, {})
+            seen[(method, path)] = e.value.code
+    wrong = {k: v for k, v in seen.items() if v != 404}
+    assert not wrong, wrong
+    assert srv.get("/rewardtune/jobs")["jobs"]  # and the server still serves
+
+
+# ------------------------------------------------------------------ in the executor: images and files
+def _write_latent(path, latent):
+    from safetensors.torch import save_file
+    save_file({"latent_tensor": latent.contiguous(), "latent_format_version_0": torch.tensor([])}, path)
+
+
+def _nan_prompt(models_tree, reward_tree, latent_name):
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+        "2": {"class_type": "LoadLatent", "inputs": {"latent": latent_name}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "RewardTuneLoadRewardModel",
+              "inputs": {"reward_model": reward_tree["files"]["hpsv2"], "reward_type": "auto", "precision": "fp32",
+                         "aesthetic_clip": "(none)"}},
+        "5": {"class_type": "RewardTuneBestOfN",
+              "inputs": {"reward_model": ["4", 0], "images": ["3", 0], "prompt": "a red apple",
+                         "one_prompt_per_line": False, "batch_size": 8, "top_k": 1}},
+        "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}},
+    }
+
+
+def test_non_finite_images_get_a_clear_error(host, models_tree, reward_tree):
+    """A NaN latent (an fp16 overflow upstream) decodes to a NaN image: Best-of-N and Reward Score
+    refuse it by position instead of scoring NaN and keeping it as the best."""
+    import folder_paths
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(3, 4, 8, 8, generator=gen)
+    inp = folder_paths.get_input_directory()
+    _write_latent(os.path.join(inp, "rt_finite.latent"), latent)
+    latent[1] = float("nan")
+    _write_latent(os.path.join(inp, "rt_nan.latent"), latent)
+    ok = host.run(_nan_prompt(models_tree, reward_tree, "rt_finite.latent"))  # the control: finite images score
+    assert ok["5"]["text"][0].count("\n#") == 3
+    err = host.run_expect_error(_nan_prompt(models_tree, reward_tree, "rt_nan.latent"))
+    msg = err["exception_message"]
+    assert err["node_type"] == "RewardTuneBestOfN", err
+    assert "image #1" in msg and "NaN" in msg and "#0" not in msg and "#2" not in msg, msg
+    assert "fp32" in msg  # says what to do
+    # Reward Score too, and inf pixels as well as NaN
+    handle = host.node_classes["RewardTuneLoadRewardModel"].execute(
+        reward_tree["files"]["hpsv2"], "auto", "fp32", "(none)").args[0]
+    images = torch.rand(4, 32, 32, 3)
+    images[2, 5, 5, 0] = float("inf")
+    for node, args in (("RewardTuneScoreImages", ("a", False, 8, False)), ("RewardTuneBestOfN", ("a", False, 8, 2))):
+        with pytest.raises(Exception) as info:
+            host.node_classes[node].execute(handle, images, *args)
+        assert "image #2" in str(info.value) and "inf" in str(info.value), (node, str(info.value))
+    assert "non-finite" in host.node_classes["RewardTuneBestOfN"].GET_NODE_INFO_V1()["description"]
+
+
+def _train_error(host, models_tree, reward_tree, **kw) -> str:
+    err = host.run_expect_error(train_prompt(models_tree, reward_tree, name="paths", steps=2, save_every=1, **kw))
+    assert err.get("node_type") == "RewardTuneTrainLoRA", err
+    return err["exception_message"]
+
+
+def test_dataset_and_prompt_paths_stay_in_the_input_folder(host, models_tree, reward_tree, tmp_path, monkeypatch):
+    import folder_paths
+    from PIL import Image
+    monkeypatch.delenv("REWARDTUNE_ALLOW_PATHS", raising=False)
+    inp = folder_paths.get_input_directory()
+    outside = tmp_path / "outside_ds"
+    outside.mkdir()
+    Image.new("RGB", (64, 64)).save(outside / "secret_name.png")  # no caption: the message would list it
+    (tmp_path / "secret_prompts.txt").write_text("# only a comment\n")
+    inside = os.path.join(inp, "rt_inside_ds")
+    os.makedirs(inside, exist_ok=True)
+    Image.new("RGB", (64, 64)).save(os.path.join(inside, "inside_name.png"))
+    link = os.path.join(inp, "rt_link_out")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(outside, link)
+
+    def folder_error(path):
+        return _train_error(host, models_tree, reward_tree, objective="imagerefl", prompts="", dataset_folder=path)
+
+    def prompts_error(path):
+        return _train_error(host, models_tree, reward_tree, prompts=path)
+
+    refused = {}
+    for path in ("/etc", "../../..", str(outside), "rt_link_out", "rt_inside_ds/../../..", "/no/such/folder",
+                 str(tmp_path / "missing"), "../missing"):
+        msg = folder_error(path)
+        refused[path] = msg.replace(repr(path), "<path>")
+        assert "REWARDTUNE_ALLOW_PATHS" in msg and "input folder" in msg, msg
+        for leak in ("secret_name", "passwd", "hosts", "does not exist", "not a folder", "no images", str(outside)
+                     if path != str(outside) else "\0"):
+            assert leak not in msg, (path, leak, msg)
+    # an existing folder and a missing one get the same words: the message tells nothing about the disk
+    assert len(set(refused.values())) == 1, refused
+    pr = {p: prompts_error(p).replace(repr(p), "<path>") for p in
+          (str(tmp_path / "secret_prompts.txt"), "/no/such/prompts.txt", "../../../../etc/x.txt")}
+    assert len(set(pr.values())) == 1 and "REWARDTUNE_ALLOW_PATHS" in next(iter(pr.values())), pr
+    # inside the input folder the folder is read (this error lists the image missing its caption)
+    assert "inside_name.png" in folder_error("rt_inside_ds")
+    assert "inside_name.png" in folder_error(os.path.join(inp, "sub", "..", "rt_inside_ds"))
+    # the opt-in: a folder named in REWARDTUNE_ALLOW_PATHS is read, through a link or directly
+    monkeypatch.setenv("REWARDTUNE_ALLOW_PATHS", os.pathsep.join(["/nonexistent-allowed", str(tmp_path)]))
+    assert "secret_name.png" in folder_error(str(outside))
+    assert "secret_name.png" in folder_error("rt_link_out")
+    assert "has no prompts" in prompts_error(str(tmp_path / "secret_prompts.txt"))
+    assert "REWARDTUNE_ALLOW_PATHS" in folder_error("/etc")  # still only those folders
+    # the tooltips say how to opt in
+    info = host.node_classes["RewardTuneTrainLoRA"].GET_NODE_INFO_V1()["input"]["required"]
+    assert "REWARDTUNE_ALLOW_PATHS" in info["dataset_folder"][1]["tooltip"]
+    assert "REWARDTUNE_ALLOW_PATHS" in info["prompts"][1]["tooltip"]
+    os.remove(link)
+
+
+def test_config_json_that_is_not_an_object_says_so(host, models_tree, reward_tree):
+    for text in ("[1, 2]", '"cfg"', "5", "null"):
+        msg = _train_error(host, models_tree, reward_tree, config_json=text)
+        assert "config_json must be a JSON object" in msg and '{"cfg": 5.0}' in msg, (text, msg)
+    # a LoRA path smuggled in through config_json is refused: the lcm_lora input picks from the loras folder
+    msg = _train_error(host, models_tree, reward_tree, objective="sqdf",
+                       config_json=json.dumps({**SMALL, "sqdf_lcm_lora": "/etc/passwd"}))
+    assert "lcm_lora" in msg and "passwd" not in msg.replace("/etc/passwd", ""), msg
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "is empty (0 bytes)"),
+    (b"0.25 0.5 0.75\n", "is not a PyTorch weights file"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n", "Git LFS pointer"),
+    (b"<!DOCTYPE html><html><body>Not Found</body></html>", "is not a PyTorch weights file"),
+])
+def test_broken_reward_files_say_what_is_wrong(host, reward_tree, content, expected):
+    name = "rt_broken_reward.pt"
+    path = os.path.join(reward_tree["dir"], name)
+    with open(path, "wb") as f:
+        f.write(content)
+    try:
+        err = host.run_expect_error({
+            "1": {"class_type": "RewardTuneLoadRewardModel",
+                  "inputs": {"reward_model": name, "reward_type": "auto", "precision": "fp32", "aesthetic_clip": "(none)"}},
+            "2": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+            "3": {"class_type": "RewardTuneScoreImages",
+                  "inputs": {"reward_model": ["1", 0], "images": ["2", 0], "prompt": "a", "one_prompt_per_line": False,
+                             "batch_size": 8, "caption_images": False}}})
+    finally:
+        os.remove(path)
+    msg = err["exception_message"]
+    assert expected in msg and name in msg and "download" in msg.lower(), msg
+    assert "pop from empty list" not in msg and "pickled objects" not in msg
