@@ -70,19 +70,20 @@ def restarted(models_tree, reward_tree, tmp_path_factory):
         (job_id,) = [j["id"] for j in srv.get("/rewardtune/jobs")["jobs"] if j["name"] == "torn"]
         jdir = os.path.join(work, "output", "rewardtune", "jobs", job_id)
         metrics, ckpt = os.path.join(jdir, "metrics.jsonl"), os.path.join(jdir, "checkpoint.pt")
-        # freeze the server (SIGSTOP) right after a step that is logged but not checkpointed, check
-        # that on disk, then kill it: deterministic whatever the speed of the machine
+        # freeze the server (SIGSTOP) two steps after a checkpoint (logged, not saved), check that
+        # on disk, then kill it: deterministic whatever the speed of the machine. Two, so the log is
+        # still ahead of the checkpoint once its last line is torn
         deadline, logged, saved = time.time() + 180, 0, 0
         while time.time() < deadline:
             done = _logged_steps(metrics)
-            if done and done[-1] > save_every and done[-1] % save_every:
+            if done and done[-1] > save_every and done[-1] % save_every == save_every - 1:
                 os.killpg(srv.proc.pid, signal.SIGSTOP)
                 logged, saved = _logged_steps(metrics)[-1], _saved_step(ckpt)
-                if logged > saved > 0:
+                if logged - 1 > saved > 0:
                     break
                 os.killpg(srv.proc.pid, signal.SIGCONT)
             time.sleep(0.01)
-        assert logged > saved > 0, f"could not catch the job between checkpoints; log:\n{srv.log_tail()}"
+        assert logged - 1 > saved > 0, f"could not catch the job between checkpoints; log:\n{srv.log_tail()}"
     finally:
         os.killpg(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait()
@@ -134,7 +135,8 @@ def test_the_list_shows_the_step_a_resume_starts_from(restarted):
     listed = {j["id"]: j for j in srv.get("/rewardtune/jobs")["jobs"]}
     job = listed[job_id]
     assert job["state"] == "interrupted" and job["has_checkpoint"]
-    assert job["step"] == saved < restarted["logged"], (job["step"], saved, restarted["logged"])
+    # the log (torn line aside) reaches logged - 1 > saved: the list shows the checkpoint's step
+    assert job["step"] == saved < restarted["logged"] - 1, (job["step"], saved, restarted["logged"])
     assert job["last"]["step"] == saved  # the metrics shown are those of that step
     broken = listed[restarted["bad_ckpt"]]
     assert broken["step"] == 0 and "checkpoint" in broken["error"] and "delete" in broken["error"], broken
