@@ -87,11 +87,13 @@ def make_decoder(vae, latent_format):
 
 
 def _rng_state(gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "generator": gen.get_state()}
+    """The run's own generator: all a resume needs to draw the same numbers. (Checkpoints of
+    earlier versions also hold the process-wide state under "torch"; it is not restored: a job
+    must not reseed the generator a foreground sampler uses.)"""
+    return {"generator": gen.get_state()}
 
 
 def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
     gen.set_state(state["generator"])
 
 
@@ -129,13 +131,15 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         raise ConfigError("ImageReFL trains on real images: give images with captions")
     device = model.load_device
 
-    # --- the model: a clone with LoRA adapters; everything else frozen
-    torch.manual_seed(cfg.seed)
+    # --- the model: a clone with LoRA adapters; everything else frozen.
+    # Every random number of the run (the LoRA's initial weights, noise, timestep picks, prompts,
+    # batches, replay samples) comes from this one generator, never the process-wide one: on the
+    # server a foreground sampler on another thread seeds and draws from that one meanwhile.
+    gen = torch.Generator().manual_seed(cfg.seed)
     tuned = model.clone()
     tuned.model.requires_grad_(False)
-    lora = LoraSet(tuned, cfg.rank, cfg.alpha, cfg.targets)
+    lora = LoraSet(tuned, cfg.rank, cfg.alpha, cfg.targets, generator=gen)
     optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
     latent_format = tuned.model.latent_format
     decode_images = make_decoder(vae, latent_format)
     preview: dict[str, torch.Tensor] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from comfy.weight_adapter.lora import LoRAAdapter
+from comfy.weight_adapter.lora import LoraDiff
 
 from .atomic import atomic_write
 from .config import ConfigError
@@ -13,10 +13,15 @@ from .config import ConfigError
 class LoraSet:
     """LoRA adapters (ComfyUI's own ``LoraDiff``) wrapped around the matching weights of a patcher.
 
-    ``lora_down`` starts at zero, so the tuned model starts equal to the base. ``alpha`` is kept
-    fixed (ComfyUI's trainer leaves it trainable; classic LoRA does not train it)."""
+    ``lora_down`` starts at zero, so the tuned model starts equal to the base; ``lora_up`` starts
+    as ComfyUI's ``create_train`` makes it (Kaiming-uniform, a = √5), drawn from ``generator`` —
+    never from the process-wide generator, which a sampler on another thread seeds and draws from
+    (see ``new_adapter``). ``alpha`` is kept fixed (ComfyUI's trainer leaves it trainable; classic
+    LoRA does not train it)."""
 
-    def __init__(self, patcher, rank: int, alpha: float, targets: list[str]):
+    def __init__(self, patcher, rank: int, alpha: float, targets: list[str], generator: torch.Generator | None = None):
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
         self.adapters: dict[str, torch.nn.Module] = {}
         self.modules: dict[str, torch.nn.Module] = {}
         for name, module in sorted(patcher.model.diffusion_model.named_modules(), key=lambda kv: kv[0]):
@@ -25,7 +30,7 @@ class LoraSet:
             weight = getattr(module, "weight", None)
             if weight is None or weight.ndim != 2:
                 continue
-            adapter = LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+            adapter = new_adapter(weight, rank, alpha, generator)
             adapter.lora_up.weight.requires_grad_(True)
             adapter.lora_down.weight.requires_grad_(True)
             adapter.alpha.requires_grad_(False)
@@ -101,6 +106,27 @@ class LoraSet:
                 a.lora_down.weight.copy_(sd[f"{key}.lora_down.weight"])
             except KeyError as e:
                 raise ConfigError(f"the checkpoint's LoRA lacks {e.args[0]} (other rank or targets?)") from e
+
+
+def new_adapter(weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> torch.nn.Module:
+    """What ``LoRAAdapter.create_train`` returns (a ``LoraDiff``: up (out, r) Kaiming-uniform with
+    a = √5, down (r, in) zero, fixed α), with every random number from ``generator`` (on the CPU,
+    so a seed gives the same LoRA on any device). ``create_train`` draws from the process-wide
+    generator, and so does ``LoraDiff``'s own ``nn.Linear`` initialisation (overwritten at once):
+    the adapter is therefore built on the meta device, where initialisers draw nothing, and then
+    given real storage."""
+    out_dim, in_dim = weight.shape[0], weight.shape[1:].numel()
+    up = torch.empty(out_dim, rank, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)
+    down = torch.zeros(rank, in_dim, dtype=torch.float32)
+    with torch.device("meta"):
+        adapter = LoraDiff((up.to("meta"), down.to("meta"), alpha, None, None, None))
+    adapter = adapter.to_empty(device=weight.device)
+    with torch.no_grad():
+        adapter.lora_up.weight.copy_(up)
+        adapter.lora_down.weight.copy_(down)
+        adapter.alpha.fill_(alpha)
+    return adapter
 
 
 def save_lora(path: str, lora: LoraSet, metadata: dict[str, str] | None = None) -> None:
