@@ -4,8 +4,6 @@ comes back into the graph as a MODEL."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import threading
 
@@ -15,9 +13,11 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..trainers.config import RESUMABLE_CHANGES, TrainConfig
+from ..trainers.config import TrainConfig
 from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
-from .manager import Job, JobError, JobSpec, fingerprint, get_manager
+# the run's fingerprint (part of the job id) is the command line's too: one function for both
+from ..trainers.fingerprint import fingerprint as run_fingerprint, run_identity
+from .manager import Job, JobError, JobSpec, get_manager
 
 
 _THREAD = threading.local()
@@ -75,42 +75,10 @@ def private_copy(model):
     return model.clone(force_deepcopy=True)
 
 
-def _weights_digest(module: torch.nn.Module | None) -> str:
-    """A content digest of a few of a model's weights: the same file gives the same value across
-    server restarts, where ComfyUI's object ids and patch uuids do not."""
-    if module is None:
-        return "none"
-    params = list(module.parameters())
-    picks = params[:3] + params[-3:]
-    h = hashlib.sha256(f"{type(module).__name__}:{len(params)}".encode())
-    for p in picks:
-        h.update(p.detach().flatten()[:512].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def model_identity(model) -> dict:
-    patches = getattr(model, "patches", {}) or {}
-    strengths = sorted((k, tuple(round(float(p[0]), 6) for p in v)) for k, v in patches.items())
-    return {"weights": _weights_digest(model.model.diffusion_model), "patches": len(patches),
-            "strengths": hashlib.sha256(repr(strengths).encode()).hexdigest()[:12]}
-
-
-def images_identity(buckets) -> list:
-    out = []
-    for size, examples in sorted((buckets or {}).items()):
-        for ex in examples:
-            small = ex.image[::8, ::8].float().cpu().contiguous().numpy().tobytes()
-            out.append([list(size), ex.caption, hashlib.sha256(small).hexdigest()[:12]])
-    return out
-
-
 def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prompts, images, prompt=None) -> JobSpec:
     # steps and save_every are left out: queueing the graph with more steps continues the same job
-    defining = {k: v for k, v in json.loads(config.to_json()).items() if k not in RESUMABLE_CHANGES}
-    fp = fingerprint(defining, model_identity(model), _weights_digest(vae.first_stage_model),
-                     _weights_digest(getattr(getattr(clip, "cond_stage_model", None), "transformer", None)
-                                     if clip is not None else None),
-                     reward.name, prompts, images_identity(images))
+    fp = run_fingerprint(run_identity(config, model=model, vae=vae, clip=clip, reward_model=reward.model,
+                                      prompts=prompts, images=images))
 
     def run(job: Job) -> int:
         manager = get_manager()

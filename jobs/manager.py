@@ -65,11 +65,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def fingerprint(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:10]
+    """The fingerprint of values in order; a run's is trainers.fingerprint.run_identity's, shared
+    with the command line (jobs/in_comfy.build_spec)."""
+    from ..trainers.fingerprint import hash_parts
+    return hash_parts(*parts)
 
 
 def checkpoint_step(path: str) -> int:

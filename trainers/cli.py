@@ -7,6 +7,14 @@ Every ``TrainConfig`` field is an option (``--lr``, ``--rank``, ``--grad-checkpo
 ``--preset NAME`` then ``--config run.json`` set the base and the options override them. Ctrl-C stops after
 the current step and saves a checkpoint; ``--resume`` continues it. Nothing in ``--out`` is
 overwritten unless you resume it.
+
+``--resume`` continues only the same run: the same settings (other than --steps and --save-every)
+and the same models, reward model, prompts and images, checked by the run's fingerprint (stored in
+fingerprint.json; trainers/fingerprint.py, the one background jobs use). A run started before
+fingerprints were stored resumes with a warning. metrics.jsonl holds each step once, whatever
+kills and resumes came before: a resume rewrites it from the checkpoint, a fresh run starts it anew.
+Bad input is one "error: ..." line on stderr and exit status 2; Ctrl-C before training starts
+exits with 130.
 """
 from __future__ import annotations
 
@@ -20,6 +28,9 @@ import threading
 
 from .config import ConfigError, TrainConfig, resume_differences
 from .presets import PRESETS
+
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+FINGERPRINT = "fingerprint.json"  # the run's fingerprint (trainers/fingerprint.py), next to its checkpoint
 
 
 def _config_options(ap: argparse.ArgumentParser) -> None:
@@ -57,6 +68,59 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def read_config_file(path: str) -> dict:
+    """A --config file as a dict of settings, or a ConfigError that says what to fix."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} does not exist: give the path of a JSON file of settings "
+                          "(e.g. a run's config.json)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text: give a JSON file of settings") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path} ({e.strerror}): give a JSON file of settings") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): "
+                          'fix it; it should look like {"lr": 0.0003, "steps": 200}') from None
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(data), "a number")
+        raise ConfigError(f"--config {path} holds {kind}, not an object of settings: write it like "
+                          '{"lr": 0.0003, "steps": 200}')
+    check_types(data, f"--config {path}")
+    return data
+
+
+def check_types(data: dict, where: str) -> None:
+    """Each known setting has the type of its TrainConfig field (JSON "0.001" is a string, not a
+    number). Unknown names are left to TrainConfig.from_json, which lists them."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, want = number and float(value).is_integer(), "a whole number"
+            if ok:
+                data[f.name] = int(value)
+        elif isinstance(default, float) or default is None:
+            ok, want = number or (default is None and value is None), "a number" + (" or null" if default is None else "")
+            if number:
+                data[f.name] = float(value)
+        elif isinstance(default, list):
+            ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
+        else:
+            ok, want = isinstance(value, str), "a string"
+        if not ok:
+            hint = " (write numbers without quotes)" if isinstance(value, str) and "number" in want else ""
+            raise ConfigError(f'{where}: "{f.name}" must be {want}, got {json.dumps(value)}{hint}')
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     base = {}
     if args.preset:
@@ -64,8 +128,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
         base.update(PRESETS[args.preset])
     if args.config:
-        with open(args.config, encoding="utf-8") as f:
-            base = json.load(f)
+        base.update(read_config_file(args.config))
     for f in dataclasses.fields(TrainConfig):
         value = getattr(args, f.name)
         if value is not None:
@@ -81,24 +144,143 @@ def find_comfyui(explicit: str | None) -> str:
     raise ConfigError("ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_DIR")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+_interrupted = threading.Event()
+
+
+def _interrupt_start_up(signum, frame):
+    """SIGINT before training starts: stop start-up. The KeyboardInterrupt may land inside a
+    library's bare ``except:`` (ComfyUI's imports have some) and be swallowed, so the flag is also
+    checked between the start-up stages (``_check_interrupt``)."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def _check_interrupt() -> None:
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .data import DatasetError
+    _interrupted.clear()
+    own = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if own else None
     try:
-        return _run(args)
-    except (ConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # the library's own errors (imported only once ComfyUI is set up): a message
-        if type(e).__name__ in ("TrainingError", "RewardModelError", "RewardInputError"):
-            print(f"error: {e}", file=sys.stderr)
+        if own and previous is not signal.SIG_IGN:  # nohup/&: left ignored
+            signal.signal(signal.SIGINT, _interrupt_start_up)
+        args = build_parser().parse_args(argv)
+        from .data import DatasetError
+        try:
+            return _run(args)
+        except (ConfigError, DatasetError) as e:
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             return 2
-        raise
+        except Exception as e:  # the library's own errors (imported only once ComfyUI is set up): a message
+            if type(e).__name__ in ("TrainingError", "RewardModelError", "RewardInputError"):
+                print(f"error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            raise
+    except KeyboardInterrupt:  # before training starts (then Ctrl-C stops after a step instead)
+        print("\ninterrupted before training started: nothing was trained or changed", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        if own and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _load_models(args: argparse.Namespace):
+    import comfy.sd
+    import comfy.utils
+    for path in (args.checkpoint, args.reward):
+        if not os.path.exists(path):
+            raise ConfigError(f"{path} does not exist")
+    hint = "pass a full Stable Diffusion checkpoint (a .safetensors with UNet, text encoder and VAE) as --checkpoint"
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{args.checkpoint} is not a checkpoint ComfyUI can load ({first}): {hint}") from e
+    if model is None or clip is None:
+        raise ConfigError(f"{args.checkpoint} is not a full checkpoint with a UNet and a text encoder: {hint}")
+    if args.vae:
+        try:
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True))
+        except Exception as e:
+            raise ConfigError(f"cannot load the VAE {args.vae} ({type(e).__name__}: {e}): pass a VAE .safetensors "
+                              "as --vae, or leave it out to use the checkpoint's") from e
+    if vae is None:
+        raise ConfigError(f"{args.checkpoint} has no VAE: pass --vae")
+    return model, clip, vae
+
+
+def _write_text(path: str, text: str) -> None:
+    """Atomically: a kill leaves the old file or the new one."""
+    from .atomic import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def _checkpoint_step(path: str):
+    try:
+        import torch
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception:
+        return "?"
+
+
+def _check_fingerprint(out: str, identity: dict, resume: bool) -> None:
+    """--resume: the run's stored fingerprint must match these inputs (refused, naming what
+    differs). A run of an earlier version has none: it resumes with a warning. Either way the
+    fingerprint of these inputs is stored for the next resume."""
+    from .fingerprint import differences, record
+    path = os.path.join(out, FINGERPRINT)
+    if resume and os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+            if not isinstance(stored, dict) or not isinstance(stored.get("parts"), dict):
+                raise ValueError("no fingerprint parts in it")
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read {path} ({e}): delete it to resume without checking the models, "
+                              "prompts and images") from None
+        diff = differences(stored, identity)
+        if diff:
+            raise ConfigError(f"--resume: {out} was trained with other inputs: {', '.join(diff)} differ. Give the "
+                              "ones it was started with, or start a new run with another --out")
+    elif resume:
+        print(f"warning: {out} was started by an older version that stored no fingerprint, so its models, "
+              "prompts and images cannot be checked: resuming with the ones given now (recorded from now on)",
+              file=sys.stderr, flush=True)
+    _write_text(path, json.dumps(record(identity), indent=1))
+
+
+def _reset_metrics(out: str, history: list[dict] | None) -> None:
+    """metrics.jsonl as the checkpoint's history (a resume repeats the steps after it; a kill may
+    have torn the last line), or empty for a fresh run (a killed run before its first checkpoint
+    leaves lines that no checkpoint holds)."""
+    _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history or []))
 
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     comfy_dir = find_comfyui(args.comfyui)
+    from .data import load_examples, parse_prompts
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt) and not args.resume:
+        raise ConfigError(f"{args.out} already holds a run (checkpoint at step {_checkpoint_step(ckpt)}): "
+                          "pass --resume to continue it, or choose another --out")
+    if args.resume and not os.path.exists(ckpt):
+        raise ConfigError(f"--resume: there is no checkpoint in {args.out}")
+    prompts = parse_prompts(args.prompts) if args.prompts else None
+    images = load_examples(args.data, config.width, config.height, not args.no_bucketing) if args.data else None
+
+    print(f"loading ComfyUI from {comfy_dir} …", flush=True)
     if comfy_dir not in sys.path:
         sys.path.insert(0, comfy_dir)
     import comfy.options
@@ -106,45 +288,36 @@ def _run(args: argparse.Namespace) -> int:
     from comfy.cli_args import args as comfy_args
     comfy_args.cpu = args.cpu
 
-    from .data import load_examples, parse_prompts
     from .engine import load_checkpoint, reward_from_model, train
-    ckpt = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(ckpt) and not args.resume:
-        raise ConfigError(f"{args.out} already holds a run (checkpoint at step {load_checkpoint(ckpt, mmap=True)['step']}): "
-                          "pass --resume to continue it, or choose another --out")
+    from .fingerprint import run_identity
+    _check_interrupt()
+    saved = None
     if args.resume:
-        if not os.path.exists(ckpt):
-            raise ConfigError(f"--resume: there is no checkpoint in {args.out}")
-        diff = resume_differences(TrainConfig.from_json(load_checkpoint(ckpt, mmap=True)["config"]), config)
+        saved = load_checkpoint(ckpt, mmap=True)
+        diff = resume_differences(TrainConfig.from_json(saved["config"]), config)
         if diff:
             raise ConfigError("the checkpoint was trained with other settings (" + "; ".join(diff) +
                               "): pass --config " + os.path.join(args.out, "config.json") + " to resume it as it was")
-    prompts = parse_prompts(args.prompts) if args.prompts else None
-    images = load_examples(args.data, config.width, config.height, not args.no_bucketing) if args.data else None
 
     import comfy.model_management as mm
-    import comfy.sd
-    import comfy.utils
     from ..rewards import load_reward_model
-    for path in (args.checkpoint, args.reward):
-        if not os.path.exists(path):
-            raise ConfigError(f"{path} does not exist")
-    model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
-    if model is None or clip is None:
-        raise ConfigError(f"{args.checkpoint} is not a full checkpoint with a UNet and a text encoder")
-    if args.vae:
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True))
-    if vae is None:
-        raise ConfigError(f"{args.checkpoint} has no VAE: pass --vae")
+    _check_interrupt()
+    model, clip, vae = _load_models(args)
+    _check_interrupt()
     reward_model = load_reward_model(args.reward, args.reward_type, clip_vision_path=args.aesthetic_clip,
                                      device=mm.get_torch_device())
     reward = reward_from_model(reward_model, config.reward_scale, config.reward_offset)
+    identity = run_identity(config, model=model, vae=vae, clip=clip, reward_model=reward_model, prompts=prompts,
+                            images=images)
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json())
+    # from here on Ctrl-C stops after the current step and saves: nothing below is left half-done
+    _check_interrupt()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step …", flush=True), stop.set()))
+    os.makedirs(args.out, exist_ok=True)
+    _check_fingerprint(args.out, identity, args.resume)
+    _write_text(os.path.join(args.out, "config.json"), config.to_json())
+    _reset_metrics(args.out, json.loads(saved["history"]) if saved is not None else None)
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8")
 
     def on_step(m: dict) -> None:
