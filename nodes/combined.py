@@ -21,7 +21,8 @@ def _switch_inputs():
                      tooltip="k: the base model runs steps [0, k), the tuned model steps [k, N). 0 = tuned only, "
                              "N = base only. ImageReFL: 30 of 40 for SD1.5, 35 of 40 for SDXL."),
         io.Float.Input("switch_fraction", default=0.75, min=0.0, max=1.0, step=0.005,
-                       tooltip="k as a fraction of the steps (rounded to the nearest step); used when switch_unit is 'fraction'."),
+                       tooltip="k as a fraction of the steps, rounded to the nearest step with halves rounded up (0.5 of 9 steps "
+                               "→ k = 5); used when switch_unit is 'fraction'."),
         io.Float.Input("cfg_base", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="CFG scale of the base stage (ImageReFL: 7.5 for SD1.5, 5.0 for SDXL)."),
         io.Float.Input("cfg_tuned", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
@@ -81,8 +82,10 @@ class CombinedKSampler(io.ComfyNode):
                                tooltip="The noise schedule (ImageReFL's 40-step DDPM schedule is ddim_uniform)."),
                 io.Combo.Input("handoff", options=list(HANDOFFS), default="continuous", advanced=True,
                                tooltip="'continuous': one sampler pass, SDE noise and multistep history (dpmpp_2m, uni_pc, lms…) "
-                                       "carry across the switch. 'restart': two passes, exactly like two chained "
-                                       "KSamplerAdvanced nodes (history restarts and SDE noise is re-seeded at the switch)."),
+                                       "carry across the switch; with an inpainting mask the kept region is re-noised to every "
+                                       "step's sigma for both stages, as one KSampler does. 'restart': two passes, exactly like two "
+                                       "chained KSamplerAdvanced nodes (history restarts and SDE noise is re-seeded at the switch; "
+                                       "with a mask the tuned stage sees the kept region clean, as the chain does)."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="As in KSampler; the switch step counts within the steps actually run."),
                 *_optional_tuned_conds(),

@@ -21,6 +21,7 @@ Two ways the tuned model can arrive:
 from __future__ import annotations
 
 import math
+import sys
 import uuid
 from dataclasses import dataclass
 
@@ -39,13 +40,33 @@ SWITCH_MODES = ("switch", "blend")
 # (the second pass restarts multistep history and re-seeds SDE noise at the switch).
 HANDOFFS = ("continuous", "restart")
 
-# k-diffusion samplers whose step i evaluates the model a second time at exactly sigmas[i + 1]
-# (the end of the step's own interval). That evaluation belongs to step i, so at the switch it
-# must still go to the base model, although the next step's first evaluation, at the very same
-# sigma, goes to the tuned one. Everything else is routed by sigma alone.
-END_OF_STEP_EVAL_SAMPLERS = frozenset({
-    "sample_heun", "sample_heunpp2", "sample_exp_heun_2_x0", "sample_exp_heun_2_x0_sde",
-})
+# Which step of the schedule a model call belongs to is read from the sampler's own loop: every
+# k-diffusion sampler in ComfyUI runs ``for i in trange(len(sigmas) - 1)`` over the schedule it was
+# given, and each model evaluation inside that iteration (heun's corrector, dpm_2's and
+# dpmpp_2s_ancestral's midpoint, seeds/sa_solver stages, ...) belongs to step i, wherever its
+# sigma lands. Matching sigma values cannot tell step k-1's evaluation at sigma_k from step k's.
+# Samplers without such a loop over the schedule (dpm_fast, dpm_adaptive and uni_pc build their own
+# time grids) fall back to the sigma: a call above sigma_k belongs to the base stage.
+_SCHEDULE_LOOP_MODULES = frozenset({"comfy.k_diffusion.sampling"})
+
+
+def schedule_step_of_current_call(n_sigmas: int, max_depth: int = 64) -> int | None:
+    """The index i of the schedule step the sampler is in when it calls the model, or None.
+
+    Walks up from the caller to the innermost k-diffusion sampler frame that loops over a
+    schedule of ``n_sigmas`` sigmas and reads its loop index ``i``.
+    """
+    frame = sys._getframe(1)
+    depth = 0
+    while frame is not None and depth < max_depth:
+        if frame.f_globals.get("__name__") in _SCHEDULE_LOOP_MODULES:
+            loc = frame.f_locals
+            i, sig = loc.get("i"), loc.get("sigmas")
+            if isinstance(i, int) and torch.is_tensor(sig) and sig.shape[-1] == n_sigmas:
+                return i
+        frame = frame.f_back
+        depth += 1
+    return None
 
 
 class CombinedSamplingError(ValueError):
@@ -55,7 +76,8 @@ class CombinedSamplingError(ValueError):
 def resolve_switch_step(steps: int, switch_step: int | None = None, switch_fraction: float | None = None) -> int:
     """The index k of the first step run by the tuned model, from a step index or a fraction.
 
-    ``switch_fraction`` (in [0, 1]) takes precedence when given; it is rounded to the nearest step.
+    ``switch_fraction`` (in [0, 1]) takes precedence when given; it is rounded to the nearest step,
+    halves up (0.5 of 9 steps is 5; Python's ``round`` would give 4, ties to even).
     """
     if steps < 1:
         raise CombinedSamplingError(f"steps must be at least 1 (got {steps}).")
@@ -63,7 +85,8 @@ def resolve_switch_step(steps: int, switch_step: int | None = None, switch_fract
         if not (0.0 <= switch_fraction <= 1.0) or math.isnan(switch_fraction):
             raise CombinedSamplingError(
                 f"switch fraction must be between 0 and 1 (got {switch_fraction}); 0 runs only the tuned model, 1 only the base.")
-        return int(round(switch_fraction * steps))
+        # + 1e-9: a fraction typed as 0.35 is 0.34999… in binary; 0.35 · 10 must still give 4
+        return int(math.floor(switch_fraction * steps + 0.5 + 1e-9))
     if switch_step is None:
         raise CombinedSamplingError("give a switch step or a switch fraction.")
     if not (0 <= switch_step <= steps):
@@ -146,9 +169,51 @@ def _hook_group(patches: dict) -> comfy.hooks.HookGroup | None:
     return group
 
 
-def _class_names(obj) -> list[str]:
-    # comfy builds model_sampling classes per model (type(...) differs even when identical): compare by MRO names
-    return [c.__name__ for c in type(obj).__mro__]
+def _model_sampling(patcher):
+    # The patcher's view (its object patches, or the original the module had before another clone
+    # patched it in place), not ``patcher.model.model_sampling``: ComfyUI leaves the module patched
+    # by whichever clone ran last (e.g. a ModelSamplingDiscrete v_prediction branch).
+    return patcher.get_model_object("model_sampling")
+
+
+def _sigma_space_mismatch(sb, st) -> str | None:
+    """Why two model_sampling objects do not share one sigma space, or None when they do.
+
+    Both stages run on one sigma grid (the base model's): the schedule, how a latent is noised
+    to a sigma and how the model input is scaled must agree. What the network predicts (eps,
+    v, x0, lcm: ``calculate_denoised``) may differ; each stage computes its x0 with its own.
+    """
+    sig_b, sig_t = getattr(sb, "sigmas", None), getattr(st, "sigmas", None)
+    if (sig_b is None) != (sig_t is None):
+        return "one model has a discrete noise schedule and the other a continuous one"
+    if sig_b is not None and (sig_b.shape != sig_t.shape
+                              or not torch.allclose(sig_b.float().cpu(), sig_t.float().cpu(), rtol=1e-5, atol=1e-7)):
+        return "their noise schedules (sigma tables) differ (e.g. zero-terminal-SNR, another beta schedule or shift)"
+    probe_sigmas = torch.tensor([float(sb.sigma_max), float(sb.sigma_min) * 1.5 + 1e-3], dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 2, 2, generator=gen)
+    latent = torch.randn(2, 2, 2, 2, generator=gen)
+    sig = probe_sigmas.view(2, 1, 1, 1)
+    checks = {
+        "sigma_max/sigma_min": (torch.tensor([float(sb.sigma_max), float(sb.sigma_min)]),
+                                torch.tensor([float(st.sigma_max), float(st.sigma_min)])),
+        "timestep(sigma)": (sb.timestep(probe_sigmas).float(), st.timestep(probe_sigmas).float()),
+        "noise scaling": (sb.noise_scaling(probe_sigmas, x, latent), st.noise_scaling(probe_sigmas, x, latent)),
+        "input scaling": (sb.calculate_input(sig, x), st.calculate_input(sig, x)),
+        "inverse noise scaling": (sb.inverse_noise_scaling(probe_sigmas, x), st.inverse_noise_scaling(probe_sigmas, x)),
+    }
+    for what, (a, b) in checks.items():
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6):
+            return f"their {what} differ (one is e.g. a flow-matching model or uses another shift)"
+    return None
+
+
+def _prediction_name(ms) -> str:
+    names = [c.__name__ for c in type(ms).__mro__]
+    for n in ("LCM", "V_PREDICTION_DDPM", "V_PREDICTION", "EDM", "IMG_TO_IMG", "X0", "CONST", "EPS"):
+        if n in names:
+            return n.lower()
+    return type(ms).__name__
 
 
 def _check_compatible(base, tuned):
@@ -158,11 +223,12 @@ def _check_compatible(base, tuned):
             "base and tuned models must be the same architecture with the same latent format "
             f"(got {type(bm).__name__}/{type(bm.latent_format).__name__} and "
             f"{type(tm).__name__}/{type(tm.latent_format).__name__}). Load a tuned model made from the same base.")
-    sb, st = bm.model_sampling, tm.model_sampling
-    if _class_names(sb) != _class_names(st) or not torch.allclose(sb.sigmas.float().cpu(), st.sigmas.float().cpu()):
+    sb, st = _model_sampling(base), _model_sampling(tuned)
+    why = _sigma_space_mismatch(sb, st)
+    if why is not None:
         raise CombinedSamplingError(
-            "base and tuned models use different noise schedules (model_sampling); "
-            "patch both the same way (e.g. the same ModelSamplingDiscrete settings) before combining them.")
+            f"base and tuned models use different noise schedules: {why}. Both stages run on one sigma grid, so "
+            "patch both the same way (e.g. the same ModelSamplingDiscrete / ModelSampling* settings) before combining them.")
 
 
 @dataclass
@@ -177,9 +243,14 @@ class _Stage:
 class CombinedGuider(comfy.samplers.CFGGuider):
     """A CFG guider that routes each denoising call to the base or the tuned model.
 
-    mode "switch": calls for steps [0, k) go to base, [k, N) to tuned (k = ``switch_step``, resolved
-    against the sigmas the sampler runs; a negative ``switch_step`` with ``switch_fraction`` set uses
-    the fraction). mode "blend": both are evaluated every call and mixed with γ_i = 1 - (i/N)^p.
+    mode "switch": the calls of schedule steps [0, k) go to base, those of steps [k, N) to tuned
+    (k = ``switch_step``, or ``switch_fraction`` of the steps the sampler runs, rounded half up).
+    A call belongs to the step of the sampler's loop that makes it (see
+    :func:`schedule_step_of_current_call`), so heun's corrector or dpm_2_ancestral's second
+    evaluation of step k-1 still goes to base although it lands on sigma_k.
+    mode "blend": both are evaluated every call of step i and mixed with γ_i = 1 - (i/N)^p.
+    When both stages would compute the same thing (same weights, conditioning and CFG) each call
+    is made once.
     """
 
     def __init__(self, base, tuned, *, switch_step: int | None = None, switch_fraction: float | None = None,
@@ -190,36 +261,47 @@ class CombinedGuider(comfy.samplers.CFGGuider):
             raise CombinedSamplingError(f"mode must be one of {SWITCH_MODES} (got {mode!r}).")
         if mode == "blend" and not (blend_power > 0):
             raise CombinedSamplingError(f"blend power p must be > 0 (got {blend_power}).")
+        if switch_step is None and switch_fraction is None:
+            raise CombinedSamplingError("give a switch step or a switch fraction.")
         _check_compatible(base, tuned)
-        self.base_input, self.tuned_input = base, tuned
         self.mode, self.blend_power = mode, float(blend_power)
         self.switch_step, self.switch_fraction = switch_step, switch_fraction
         self.shared = base.is_clone(tuned)
         if self.shared:
-            if not (_options_equal(base.object_patches, tuned.object_patches)
-                    and _options_equal(base.weight_wrapper_patches, tuned.weight_wrapper_patches)
+            if not _options_equal(base.object_patches, tuned.object_patches):
+                differing = sorted(set(base.object_patches) ^ set(tuned.object_patches) | {
+                    k for k in set(base.object_patches) & set(tuned.object_patches)
+                    if not _options_equal(base.object_patches[k], tuned.object_patches[k])})
+                raise CombinedSamplingError(
+                    "the tuned model shares its weights with the base model but is patched differently "
+                    f"({', '.join(differing)}; e.g. a ModelSamplingDiscrete v_prediction/lcm patch on one of them). "
+                    "Combined sampling can only swap weight patches (e.g. a LoRA) between stages of one model: apply "
+                    "the same patch to both, or load the tuned model as its own checkpoint.")
+            if not (_options_equal(base.weight_wrapper_patches, tuned.weight_wrapper_patches)
                     and _options_equal(base.model_options, tuned.model_options)):
                 raise CombinedSamplingError(
                     "the tuned model shares its weights with the base model but differs in more than weight "
-                    "patches (object patches, weight wrappers or model options). Combined sampling can only swap "
+                    "patches (weight wrappers or model options). Combined sampling can only swap "
                     "weight patches (e.g. a LoRA) between stages: apply the other patches to both models.")
             common, base_extra, tuned_extra = _split_patches(base, tuned)
             guider_model = base.clone()
             guider_model.patches = common
             guider_model.patches_uuid = uuid.uuid4()
             self._base_hooks, self._tuned_hooks = _hook_group(base_extra), _hook_group(tuned_extra)
-            self.same_weights = not base_extra and not tuned_extra
+            self._same_weights = not base_extra and not tuned_extra
         else:
             guider_model = base.clone()
             guider_model.set_additional_models("rewardtune_combined_tuned", [tuned])
             self._base_hooks = self._tuned_hooks = None
-            self.same_weights = False
+            self._same_weights = False
         super().__init__(guider_model)
         self.base_stage = _Stage(None, "positive", "negative", float(cfg_base))
         self.tuned_stage = _Stage(None if self.shared else tuned, "tuned_positive", "tuned_negative", float(cfg_tuned))
+        self._same_conds = True
 
     # -- conditioning -------------------------------------------------------------------------
     def set_conds(self, positive, negative, tuned_positive=None, tuned_negative=None):
+        self._same_conds = tuned_positive is None and tuned_negative is None
         tuned_positive = positive if tuned_positive is None else tuned_positive
         tuned_negative = negative if tuned_negative is None else tuned_negative
         for name, cond in (("positive", positive), ("negative", negative)):
@@ -239,48 +321,29 @@ class CombinedGuider(comfy.samplers.CFGGuider):
         self.base_stage.cfg = self.tuned_stage.cfg = float(cfg)
         self.cfg = float(cfg)
 
+    def stages_identical(self) -> bool:
+        """Both stages compute the same prediction: same weights, conditioning and CFG scale."""
+        return self._same_weights and self._same_conds and self.base_stage.cfg == self.tuned_stage.cfg
+
     # -- routing ------------------------------------------------------------------------------
-    def _start(self, sampler, sigmas):
+    def _start(self, sigmas):
         n = int(sigmas.shape[-1]) - 1
-        if self.switch_fraction is not None and (self.switch_step is None or self.switch_step < 0):
+        if self.switch_fraction is not None and self.switch_step is None:
             k = resolve_switch_step(n, switch_fraction=self.switch_fraction)
         else:
             k = resolve_switch_step(n, switch_step=self.switch_step)
-        self._n_steps = n
-        self._k = k
+        self._n_steps, self._k = n, k
         self._sigmas = sigmas.detach().float().cpu()
-        self._switch_sigma = float(self._sigmas[k]) if k < n else -1.0
-        fn = getattr(getattr(sampler, "sampler_function", None), "__name__", "")
-        self._end_eval = fn in END_OF_STEP_EVAL_SAMPLERS
-        self._calls_at_switch = 0
-        self._last_callback_step = -1
-        self.stage_calls = {"base": 0, "tuned": 0}
 
-    def _sigma_of(self, timestep) -> float:
-        return float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
-
-    def _is_close(self, a: float, b: float) -> bool:
-        return abs(a - b) <= 1e-5 * max(1.0, abs(b))
-
-    def _route(self, sigma: float) -> str:
-        k, n = self._k, self._n_steps
-        if k >= n:
-            return "base"
-        if k <= 0:
-            return "tuned"
-        s = self._switch_sigma
-        if self._is_close(sigma, s):
-            self._calls_at_switch += 1
-            # heun-like samplers: the first call at sigmas[k] is step k-1's end evaluation.
-            if self._end_eval and self._calls_at_switch == 1 and self._last_callback_step == k - 1:
-                return "base"
-            return "tuned"
-        return "base" if sigma > s else "tuned"
-
-    def _step_position(self, sigma: float) -> float:
-        """Index i of the schedule position of ``sigma`` (number of schedule sigmas above it)."""
-        above = (self._sigmas[:-1] > sigma * (1 + 1e-6) + 1e-12).sum()
-        return float(above)
+    def _step_of(self, sigma: float) -> int:
+        """The schedule step the current call belongs to (see module notes)."""
+        i = schedule_step_of_current_call(self._n_steps + 1)
+        if i is not None:
+            return i
+        # No schedule loop (dpm_fast, dpm_adaptive, uni_pc): the number of schedule sigmas above
+        # this one; a call at exactly sigma_i counts as step i.
+        tol = 1e-5 * max(1.0, abs(sigma))
+        return int((self._sigmas[:-1] > sigma + tol).sum())
 
     # -- prediction ---------------------------------------------------------------------------
     def _options_for(self, stage: _Stage, model_options: dict) -> dict:
@@ -303,16 +366,18 @@ class CombinedGuider(comfy.samplers.CFGGuider):
 
     def _predict(self, stage: _Stage, x, timestep, model_options, seed):
         inner = self.inner_model if stage.patcher is None else stage.patcher.model
-        self.stage_calls["base" if stage is self.base_stage else "tuned"] += 1
         return comfy.samplers.sampling_function(
             inner, x, timestep, self.conds.get(stage.negative), self.conds.get(stage.positive), stage.cfg,
             model_options=self._options_for(stage, model_options), seed=seed)
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         comfy.model_management.throw_exception_if_processing_interrupted()
-        sigma = self._sigma_of(timestep)
+        if self.stages_identical():
+            return self._predict(self.base_stage, x, timestep, model_options, seed)
+        sigma = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        step = self._step_of(sigma)
         if self.mode == "blend":
-            gamma = aig_gamma(self._step_position(sigma), self._n_steps, self.blend_power)
+            gamma = aig_gamma(step, self._n_steps, self.blend_power)
             if gamma >= 1.0:
                 return self._predict(self.base_stage, x, timestep, model_options, seed)
             if gamma <= 0.0:
@@ -321,7 +386,7 @@ class CombinedGuider(comfy.samplers.CFGGuider):
             out_base = self._predict(self.base_stage, x, timestep, model_options, seed)
             out_tuned = self._predict(self.tuned_stage, x, timestep, model_options, seed)
             return gamma * out_base + (1.0 - gamma) * out_tuned
-        stage = self.base_stage if self._route(sigma) == "base" else self.tuned_stage
+        stage = self.base_stage if step < self._k else self.tuned_stage
         return self._predict(stage, x, timestep, model_options, seed)
 
     # -- sampling -----------------------------------------------------------------------------
@@ -340,16 +405,9 @@ class CombinedGuider(comfy.samplers.CFGGuider):
             raise CombinedSamplingError("the latent batch is empty; connect an Empty Latent Image with batch size ≥ 1.")
         if not self.original_conds:
             raise CombinedSamplingError("no conditioning set on the combined guider.")
-        self._start(sampler, sigmas)
-        user_callback = callback
-
-        def tracking_callback(step, x0, x, total_steps):
-            self._last_callback_step = step
-            if user_callback is not None:
-                return user_callback(step, x0, x, total_steps)
-
+        self._start(sigmas)
         return super().sample(noise, latent_image, sampler, sigmas, denoise_mask=denoise_mask,
-                              callback=tracking_callback, disable_pbar=disable_pbar, seed=seed)
+                              callback=callback, disable_pbar=disable_pbar, seed=seed)
 
 
 def ksampler_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float = 1.0) -> torch.Tensor:

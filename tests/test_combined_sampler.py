@@ -235,3 +235,220 @@ def test_bad_inputs_have_clear_errors(env):
         combined(env, env["base"], env["other"], "euler", 2, positive=[])
     with raises_named("CombinedSamplingError", "restart' handoff only applies"):
         combined(env, env["base"], env["other"], "euler", 2, mode="blend", handoff="restart")
+
+
+# ---------------------------------------------------------------------------- routing by step
+# Samplers that do not loop over the schedule they are given (their own time grids): routed by
+# sigma, documented in sampling/combined.py. Every other sampler is checked against a reference
+# that knows nothing of the guider: it counts the model calls the base makes for steps [0, k)
+# (KSamplerAdvanced 0 → k) and, in one full KSampler pass, sends exactly those first calls to the
+# base model and every later call to the tuned one.
+OWN_GRID_SAMPLERS = {"dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"}
+
+
+def _counting_clone(model, route_after=None, tuned=None):
+    """A clone whose UNet calls are counted; with ``route_after`` = C, calls C, C+1, … run ``tuned``."""
+    clone = model.clone()
+    state = {"calls": 0}
+
+    def wrapper(apply_model, args):
+        n = state["calls"]
+        state["calls"] += 1
+        if route_after is not None and n >= route_after:
+            return tuned.model.apply_model(args["input"], args["timestep"], **args["c"])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone, state
+
+
+def step_by_step_reference(env, base, tuned, sampler, k, steps=N, cfg=4.0, seed=11, scheduler="normal"):
+    counter, state = _counting_clone(base)
+    adv = env["nodes"]["KSamplerAdvanced"]()
+    adv.sample(counter, "enable", seed, steps, cfg, sampler, scheduler, env["pos"], env["neg"], env["latent"], 0, k, "enable")
+    routed, _ = _counting_clone(base, route_after=state["calls"], tuned=tuned)
+    return ksampler(env, routed, sampler, steps=steps, cfg=cfg, seed=seed, scheduler=scheduler)
+
+
+def test_every_sampler_hands_off_at_the_step_not_the_sigma(env):
+    """dpm_2_ancestral, dpmpp_2s_ancestral(_cfg_pp), heun… evaluate the model a second time inside
+    step k−1, at or near sigma_k: those calls still belong to the base model."""
+    failures = []
+    for sampler in all_samplers():
+        if sampler in OWN_GRID_SAMPLERS:
+            continue
+        for k in range(1, N):
+            ref = step_by_step_reference(env, env["base"], env["other"], sampler, k)
+            out = combined(env, env["base"], env["other"], sampler, k)
+            diff = (out - ref).abs().max().item()
+            if not (torch.isfinite(out).all() and diff <= 1e-5 * max(1.0, ref.abs().max().item())):
+                failures.append((sampler, k, diff))
+    assert not failures, failures
+
+
+def test_reference_tells_the_handoff_apart(env):
+    """Negative control: handing off one call late or early is visible to the reference."""
+    for sampler in ("dpm_2_ancestral", "heun"):
+        ref = step_by_step_reference(env, env["base"], env["other"], sampler, 2)
+        for k in (1, 3):
+            assert (combined(env, env["base"], env["other"], sampler, k) - ref).abs().max().item() > 1e-4
+
+
+# dpm_adaptive takes hundreds of calls per run; the same-model test above covers it at every k.
+@pytest.mark.parametrize("sampler", sorted(OWN_GRID_SAMPLERS - {"dpm_adaptive"}))
+def test_own_grid_samplers_route_by_sigma(env, sampler):
+    """No schedule loop to read: calls above sigma_k go to base, the rest to tuned; k = 0 / N exact."""
+    assert_close(combined(env, env["base"], env["other"], sampler, 0), ksampler(env, env["other"], sampler))
+    assert_close(combined(env, env["base"], env["other"], sampler, N), ksampler(env, env["base"], sampler))
+    mid = combined(env, env["base"], env["other"], sampler, 2)
+    assert (mid - ksampler(env, env["base"], sampler)).abs().max() > 1e-4
+    assert (mid - ksampler(env, env["other"], sampler)).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------- noise schedules
+def _model_sampling_patch(env, model, sampling):
+    return env["nodes"]["ModelSamplingDiscrete"]().patch(model, sampling, False)[0]
+
+
+def test_tuned_model_with_another_parameterisation_runs_its_own(env):
+    """A separately loaded v-prediction tuned model: one sigma grid, each stage's own x0."""
+    vpred = _model_sampling_patch(env, env["other"], "v_prediction")
+    assert_close(combined(env, env["base"], vpred, "euler", 0), ksampler(env, vpred, "euler"))
+    assert_close(combined(env, env["base"], vpred, "euler", N), ksampler(env, env["base"], "euler"))
+    mid = combined(env, env["base"], vpred, "euler", 2)
+    assert_close(mid, chain(env, env["base"], vpred, "euler", 2))
+    # negative control: the eps reading of the same weights gives another image
+    assert (mid - combined(env, env["base"], env["other"], "euler", 2)).abs().max().item() > 1e-3
+
+
+def test_noise_schedule_guard_reads_the_patchers_view(env):
+    """ComfyUI leaves the module patched by the clone that ran last; the guard must not read it."""
+    vpred_base = _model_sampling_patch(env, env["base"], "v_prediction")
+    ksampler(env, vpred_base, "euler")
+    ref = chain(env, env["base"], env["other"], "euler", 2)
+    out = combined(env, env["base"], env["other"], "euler", 2)
+    assert_close(out, ref)
+
+
+def test_mismatched_noise_schedules_are_refused_with_a_reason(env):
+    lcm = _model_sampling_patch(env, env["other"], "lcm")  # LCM's distilled sigma table
+    with raises_named("CombinedSamplingError", "different noise schedules: their noise schedules"):
+        combined(env, env["base"], lcm, "euler", 2)
+    zsnr = env["nodes"]["ModelSamplingDiscrete"]().patch(env["other"], "eps", True)[0]
+    with raises_named("CombinedSamplingError", "different noise schedules"):
+        combined(env, env["base"], zsnr, "euler", 2)
+    # a clone of the base patched to v_prediction shares its modules: refused, naming the patch
+    with raises_named("CombinedSamplingError", r"patched differently \(model_sampling"):
+        combined(env, env["base"], _model_sampling_patch(env, env["lora"], "v_prediction"), "euler", 2)
+
+
+def test_tuned_clone_differing_in_more_than_weight_patches_is_refused(env):
+    clone = env["lora"].clone()
+    clone.set_model_sampler_cfg_function(lambda args: args["cond_denoised"])
+    with raises_named("CombinedSamplingError", "differs in more than weight patches"):
+        combined(env, env["base"], clone, "euler", 2)
+
+
+# ---------------------------------------------------------------------------- blend
+def test_blend_with_the_same_weights_calls_once_and_is_exact(env):
+    counted, state = _counting_clone(env["base"])
+    out = combined(env, counted, counted, "dpmpp_2m", 0, mode="blend", blend_power=1.5)
+    blend_calls = state["calls"]
+    state["calls"] = 0
+    ref = ksampler(env, counted, "dpmpp_2m")
+    assert torch.equal(out, ref)
+    assert blend_calls == state["calls"] == N
+    # a LoRA clone with the LoRA at the base's strength is the same weights too
+    same = combined(env, env["lora"], env["lora"], "euler", 0, mode="blend")
+    assert torch.equal(same, ksampler(env, env["lora"], "euler"))
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_one_blended_euler_step_is_the_gamma_weighted_steps(env, power):
+    """Two euler steps: step 0 has γ = 1 (base), step 1 ends at sigma 0, so its result is the
+    blended x0 itself: γ·(base's x0) + (1 − γ)·(tuned's x0) from the same x_1, γ = 1 − (1/2)^p."""
+    gamma = 1.0 - 0.5 ** power
+    out = combined(env, env["base"], env["other"], "euler", 0, steps=2, mode="blend", blend_power=power)
+    base_x0 = chain(env, env["base"], env["base"], "euler", 1, steps=2)
+    tuned_x0 = chain(env, env["base"], env["other"], "euler", 1, steps=2)
+    assert (base_x0 - tuned_x0).abs().max().item() > 1e-3
+    assert_close(out, gamma * base_x0 + (1.0 - gamma) * tuned_x0, tol=1e-6)
+
+
+# ---------------------------------------------------------------------------- inpainting
+def _masked_latent():
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:6, 2:6] = 1.0
+    g = torch.Generator().manual_seed(4)
+    return {"samples": torch.randn(2, 4, 8, 8, generator=g) * 0.5, "noise_mask": mask}
+
+
+def test_inpainting_continuous_is_one_pass_and_restart_is_the_chain(env):
+    """continuous: the kept region is the source latent noised to each step's sigma with the run's
+    own noise, for both stages (one KSampler's inpainting). restart: exactly the two-node chain,
+    whose second KSamplerAdvanced adds no noise and takes the first pass's noisy latent as its source."""
+    latent = _masked_latent()
+    local = {**env, "latent": latent}
+    assert_close(combined(local, env["base"], env["twin"], "euler", 2), ksampler(local, env["base"], "euler"))
+    assert_close(combined(local, env["base"], env["other"], "euler", 0), ksampler(local, env["other"], "euler"))
+    cont = combined(local, env["base"], env["other"], "dpmpp_sde", 2)
+    restart = combined(local, env["base"], env["other"], "dpmpp_sde", 2, handoff="restart")
+    assert_close(restart, chain(local, env["base"], env["other"], "dpmpp_sde", 2))
+    assert (cont - restart).abs().max().item() > 1e-4
+    # continuous keeps the kept region exactly; the chain (restart) hands its second sampler the
+    # base stage's noisy latent of step k as if it were the source, and leaves that noise there
+    keep = latent["noise_mask"].expand_as(cont) == 0
+    assert torch.allclose(cont[keep], latent["samples"][keep], atol=1e-5)
+    left_noise = (restart[keep] - latent["samples"][keep]).abs().mean().item()
+    print(f"restart: mean |kept region - source| = {left_noise:.4f}")
+    assert left_noise > 0.05
+
+
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_restart_with_an_sde_sampler_equals_the_chain(env, sampler):
+    for tuned in (env["other"], env["lora"]):
+        assert_close(combined(env, env["base"], tuned, sampler, 2, handoff="restart"),
+                     chain(env, env["base"], tuned, sampler, 2))
+
+
+# ---------------------------------------------------------------------------- switch and denoise
+def test_switch_fraction_rounds_half_up():
+    from rewardtune.sampling.combined import resolve_switch_step
+    assert resolve_switch_step(9, switch_fraction=0.5) == 5      # round() would give 4
+    assert resolve_switch_step(7, switch_fraction=0.5) == 4      # 3.5 → 4
+    assert resolve_switch_step(4, switch_fraction=0.625) == 3    # 2.5 → 3 (round() gives 2)
+    assert resolve_switch_step(10, switch_fraction=0.35) == 4    # 0.35 is 0.3499… in binary
+    assert resolve_switch_step(40, switch_fraction=0.74) == 30   # 29.6 → 30
+    assert resolve_switch_step(40, switch_fraction=0.7375) == 30  # 29.5 → 30
+
+
+def test_switch_fraction_tie_through_the_node(env):
+    by_fraction = combined(env, env["base"], env["other"], "euler", 0, steps=5, switch_unit="fraction", switch_fraction=0.5)
+    assert torch.equal(by_fraction, combined(env, env["base"], env["other"], "euler", 3, steps=5))
+
+
+def test_denoise_below_one(env):
+    """denoise < 1 runs the tail of a longer schedule, as KSampler; k counts the steps actually run."""
+    src = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(9)) * 0.5}
+    local = {**env, "latent": src}
+    assert_close(combined(local, env["base"], env["twin"], "euler", 2, denoise=0.6),
+                 ksampler(local, env["base"], "euler", denoise=0.6))
+    assert_close(combined(local, env["base"], env["other"], "euler", 0, denoise=0.6),
+                 ksampler(local, env["other"], "euler", denoise=0.6))
+    assert_close(combined(local, env["base"], env["other"], "euler", N, denoise=0.6),
+                 ksampler(local, env["base"], "euler", denoise=0.6))
+    full = combined(local, env["base"], env["other"], "euler", 2)
+    part = combined(local, env["base"], env["other"], "euler", 2, denoise=0.6)
+    assert (full - part).abs().max().item() > 1e-3
+
+
+def test_separate_tuned_negative(env):
+    other_neg = env["tm"].tiny_conditioning(77)
+    a = combined(env, env["base"], env["other"], "euler", 2)
+    b = combined(env, env["base"], env["other"], "euler", 2, tuned_negative=other_neg)
+    assert (a - b).abs().max().item() > 1e-4
+    assert torch.equal(combined(env, env["base"], env["other"], "euler", N),
+                       combined(env, env["base"], env["other"], "euler", N, tuned_negative=other_neg))
+    # the tuned stage sees exactly that negative: k = 0 equals KSampler with it
+    node = env["nodes"]["KSampler"]()
+    ref = node.sample(env["other"], 11, N, 4.0, "euler", "normal", env["pos"], other_neg, env["latent"])[0]["samples"]
+    assert_close(combined(env, env["base"], env["other"], "euler", 0, tuned_negative=other_neg), ref)
