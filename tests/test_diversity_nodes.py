@@ -66,14 +66,42 @@ def test_sweep_runs_headless(host, models_tree, reward_tree):
     assert "(Pareto)" in outputs["4"]["text"][0]
 
 
-def test_sweep_matches_single_point_runs(host, models_tree, reward_tree):
-    """A point of the sweep equals scoring the Combined KSampler's own images at that k."""
-    single = json.loads(host.run(sweep_prompt(models_tree, reward_tree["files"]["hpsv2"], switch_steps="2",
-                                              blend_powers=""))["6"]["text"][0])
-    multi = json.loads(host.run(sweep_prompt(models_tree, reward_tree["files"]["hpsv2"], switch_steps="0, 2",
-                                             blend_powers=""))["6"]["text"][0])
-    assert multi[1]["reward_mean"] == pytest.approx(single[0]["reward_mean"], abs=1e-6)
-    assert multi[1]["diversity"] == pytest.approx(single[0]["diversity"], abs=1e-6)
+def test_sweep_row_equals_the_nodes_chained(host, models_tree, reward_tree):
+    """A row of the sweep equals Combined KSampler → VAE Decode → Reward Score / Diversity Score
+    run as ordinary nodes on the same seed, for a switch point and a blend point."""
+    reward = reward_tree["files"]["hpsv2"]
+    rows = json.loads(host.run(sweep_prompt(models_tree, reward, switch_steps="2", blend_powers="2",
+                                            prompts="a red car"))["6"]["text"][0])
+    for row, mode, k, power in ((rows[0], "switch", 2, 1.0), (rows[1], "blend", 4, 2.0)):
+        graph = {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": models_tree["lora"],
+                                                         "strength_model": 1.0, "strength_clip": 0.0}},
+            "3": {"class_type": "RewardTuneLoadRewardModel",
+                  "inputs": {"reward_model": reward, "reward_type": "auto", "precision": "auto", "aesthetic_clip": "(none)"}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a red car"}},
+            "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+            "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+            "7": {"class_type": "RewardTuneCombinedKSampler",
+                  "inputs": {"base_model": ["1", 0], "tuned_model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0],
+                             "latent_image": ["6", 0], "seed": 3, "steps": 4, "switch_unit": "step", "switch_step": k,
+                             "switch_fraction": 0.5, "cfg_base": 5.0, "cfg_tuned": 1.0, "mode": mode, "blend_power": power,
+                             "sampler_name": "euler", "scheduler": "normal", "handoff": "continuous", "denoise": 1.0}},
+            "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+            "9": {"class_type": "RewardTuneScoreImages",
+                  "inputs": {"reward_model": ["3", 0], "images": ["8", 0], "prompt": "a red car",
+                             "one_prompt_per_line": False, "batch_size": 8, "caption_images": False}},
+            "10": {"class_type": "PreviewAny", "inputs": {"source": ["9", 0]}},
+            "11": {"class_type": "RewardTuneDiversityScore", "inputs": {"images": ["8", 0], "images_per_prompt": 2}},
+            "12": {"class_type": "PreviewAny", "inputs": {"source": ["11", 0]}},
+        }
+        out = host.run(graph)
+        scores = [float(t) for t in out["10"]["text"]]
+        assert len(scores) == 2
+        assert row["reward_mean"] == pytest.approx(float(np.mean(scores)), abs=1e-6)
+        assert row["diversity"] == pytest.approx(float(out["12"]["text"][0]), abs=1e-6)
+    # negative control: the two points are different images
+    assert abs(rows[0]["reward_mean"] - rows[1]["reward_mean"]) > 1e-6
 
 
 def test_diversity_score_node(host, models_tree):
