@@ -67,8 +67,12 @@ def write_extra_model_paths(path: str, models_root: str, custom_nodes: str | Non
 def prepare_comfy_import(cpu: bool = True) -> str:
     """Put ComfyUI on sys.path and set its arguments before anything imports comfy.model_management."""
     cdir = comfyui_dir()
-    if cdir not in sys.path:
-        sys.path.insert(0, cdir)
+    # ComfyUI's top-level modules (``nodes``, ``execution``, ``server``) must win over anything with
+    # the same name further up sys.path, e.g. this pack's own ``nodes/`` when the pack's folder is on
+    # it: move ComfyUI to the front even when an earlier call put it somewhere else.
+    while cdir in sys.path:
+        sys.path.remove(cdir)
+    sys.path.insert(0, cdir)
     import comfy.options
     comfy.options.enable_args_parsing(False)
     from comfy.cli_args import args
