@@ -45,16 +45,28 @@ def test_clip_family_equals_reference_at_224(reward_tree, kind):
     assert (ours - ref).abs().max() <= 1e-4, (ours, ref)
 
 
+# Non-224 images, max |ours − reference| as a fraction of the reference scores' range. Measured:
+# hpsv2 5.0e-4, pickscore 7.2e-4, aesthetic 6.7e-3 (mostly PIL's rounding to uint8 after its
+# resize); bilinear instead of bicubic resizing gives 2.2e-3, 8.1e-4, 1.06e-2. Deterministic on
+# the CPU, so the tolerance is ~1.3x the measurement.
+OTHER_SIZE_TOLERANCE = {"hpsv2": 6.5e-4, "pickscore": 9e-4, "aesthetic": 8.5e-3}
+
+
 @pytest.mark.parametrize("kind", ["hpsv2", "pickscore", "aesthetic"])
 def test_clip_family_other_sizes_close_to_reference(reward_tree, kind):
-    """Non-224 images: our differentiable resize vs PIL's uint8 resize (documented tolerance)."""
+    """Non-224 images: our differentiable resize vs PIL's uint8 resize (documented tolerance),
+    relative to how much the scores differ between images (the range), not to their offset
+    (the aesthetic head's scores sit near −20 with a range of 0.7)."""
     model = _load(reward_tree, kind)
     images = rf.test_images(seed=6, size=(320, 256), n=2) + rf.test_images(seed=7, size=(96, 128), n=1)
     prompts = PROMPTS[:3]
     ours = torch.cat([model.score(rf.pil_to_comfy([im]), [p]) for im, p in zip(images, prompts)])
     ref = _reference(reward_tree, kind, prompts, images)
-    spread = ref.std().item() + ref.abs().mean().item()
-    assert (ours - ref).abs().max() <= 0.02 * spread, (ours, ref)
+    spread = (ref.max() - ref.min()).item()
+    err = (ours - ref).abs().max().item()
+    print(f"{kind}: max |diff| {err:.3g} = {err / spread:.3g} of the range {spread:.3g}")
+    assert spread > 1e-2, "degenerate reference: the test would not see a difference"
+    assert err <= OTHER_SIZE_TOLERANCE[kind] * spread, (ours, ref)
 
 
 def test_hpsv2_full_vit_h14_equals_open_clip(tmp_path):
@@ -106,10 +118,15 @@ def test_imagereward_equals_package(imagereward_oracle):
     assert ref.std() > 1e-2
     names = [c["image"] for c in cases["cases"]] + [n for c in cases["lists"] for n in c["images"]]
     exact = torch.tensor([n != "img2" for n in names])
-    # 224² images (RGB, grayscale, RGBA): the same pixels reach the model → ≤ 1e-4
-    assert (ours - ref)[exact].abs().max() <= 1e-4, (ours, ref)
-    # the 320×256 image: torch resize vs PIL's uint8 resize
-    assert (ours - ref).abs().max() <= 0.05, (ours, ref)
+    err_exact, err_resized = (ours - ref)[exact].abs().max().item(), (ours - ref)[~exact].abs().max().item()
+    print(f"ImageReward vs package: 224² max |diff| {err_exact:.3g}, 320×256 {err_resized:.3g}")
+    # 224² images (RGB, grayscale, RGBA): the same pixels reach the model (measured: bitwise, see
+    # the next test), so only float32 rounding differs (measured 4.2e-6); a ViT LayerNorm eps of 1e-5
+    # instead of 1e-6 moves the scores ~4e-5, BERT's 1e-5 instead of 1e-12 ~3e-4 (oracle's notes)
+    assert err_exact <= 1e-5, (ours, ref)
+    # the 320×256 image: torch resize vs PIL's uint8 resize (measured 3.7e-3; bilinear instead of
+    # bicubic would be ~0.02)
+    assert err_resized <= 5e-3, (ours, ref)
 
 
 def test_imagereward_tokens_and_preprocessing_equal_package(imagereward_oracle):
