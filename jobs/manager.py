@@ -22,7 +22,6 @@ thread and cancels its job (see nodes/trainer.py).
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os

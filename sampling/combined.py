@@ -208,14 +208,6 @@ def _sigma_space_mismatch(sb, st) -> str | None:
     return None
 
 
-def _prediction_name(ms) -> str:
-    names = [c.__name__ for c in type(ms).__mro__]
-    for n in ("LCM", "V_PREDICTION_DDPM", "V_PREDICTION", "EDM", "IMG_TO_IMG", "X0", "CONST", "EPS"):
-        if n in names:
-            return n.lower()
-    return type(ms).__name__
-
-
 def _check_compatible(base, tuned):
     bm, tm = base.model, tuned.model
     if type(bm) is not type(tm) or type(bm.latent_format) is not type(tm.latent_format):

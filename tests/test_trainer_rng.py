@@ -7,7 +7,6 @@ right after ``torch.manual_seed``) could train another LoRA depending on what ra
 could change a foreground prompt's noise."""
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
