@@ -15,28 +15,15 @@ import pytest
 import torch
 
 from rewardtune.testing.comfy_host import ComfyServer
+from test_trainer_node import SMALL as NODE_SMALL, train_prompt as node_train_prompt  # noqa: E402
 
-SMALL = {"num_steps": 4, "refl_stop_min": 2, "refl_stop_max": 3, "cfg": 2.0,
-         "imagerefl_start": 2, "imagerefl_tf_min": 2, "imagerefl_tf_max": 3}
+# the node tests' settings, with ImageReFL's indices inside the 4-step schedule
+SMALL = {**NODE_SMALL, "imagerefl_start": 2, "imagerefl_tf_min": 2, "imagerefl_tf_max": 3}
 OUR_NODES = ("RewardTuneTrainLoRA", "RewardTuneLoadTrainedLoRA", "RewardTuneBestOfN", "RewardTuneCombinedKSampler")
 
 
-def train_prompt(models_tree, reward_tree, *, name, steps, save_every, seed=0, objective="refl",
-                 prompts="a red apple\na blue car", dataset_folder="", config_json=None):
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
-        "2": {"class_type": "RewardTuneLoadRewardModel",
-              "inputs": {"reward_model": reward_tree["files"]["hpsv2"], "reward_type": "auto", "precision": "fp32",
-                         "aesthetic_clip": "(none)"}},
-        "3": {"class_type": "RewardTuneTrainLoRA",
-              "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward_model": ["2", 0],
-                         "job_name": name, "mode": "background", "preset": "custom (the settings below)",
-                         "objective": objective, "prompts": prompts, "dataset_folder": dataset_folder,
-                         "steps": steps, "learning_rate": 1e-3, "rank": 2, "batch_size": 1, "grad_accum": 1,
-                         "width": 64, "height": 64, "precision": "fp32", "gradient_checkpointing": False,
-                         "save_every": save_every, "seed": seed,
-                         "config_json": json.dumps(SMALL) if config_json is None else config_json}},
-    }
+def train_prompt(models_tree, reward_tree, **kw):
+    return node_train_prompt(models_tree, reward_tree, **{"extra": SMALL, **kw})
 
 
 # ------------------------------------------------------------------ a server killed mid-job, restarted

@@ -34,7 +34,11 @@ def trainer_server(models_tree, reward_tree, tmp_path_factory):
 
 
 def train_prompt(models_tree, reward_tree, *, name, mode="background", steps=3, save_every=1, seed=0, lr=1e-3,
-                 objective="refl", extra=None):
+                 objective="refl", extra=None, prompts="a red apple\na blue car", dataset_folder="", config_json=None):
+    """Checkpoint → Load Reward Model → Train Reward LoRA. ``config_json`` (a string) replaces the
+    SMALL settings merged with ``extra``."""
+    if config_json is None:
+        config_json = json.dumps({**SMALL, **(extra or {})})
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
         "2": {"class_type": "RewardTuneLoadRewardModel",
@@ -43,10 +47,10 @@ def train_prompt(models_tree, reward_tree, *, name, mode="background", steps=3, 
         "3": {"class_type": "RewardTuneTrainLoRA",
               "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "reward_model": ["2", 0],
                          "job_name": name, "mode": mode, "preset": "custom (the settings below)",
-                         "objective": objective, "prompts": "a red apple\na blue car", "dataset_folder": "",
+                         "objective": objective, "prompts": prompts, "dataset_folder": dataset_folder,
                          "steps": steps, "learning_rate": lr, "rank": 2, "batch_size": 1, "grad_accum": 1,
                          "width": 64, "height": 64, "precision": "fp32", "gradient_checkpointing": False,
-                         "save_every": save_every, "seed": seed, "config_json": json.dumps({**SMALL, **(extra or {})})}},
+                         "save_every": save_every, "seed": seed, "config_json": config_json}},
     }
 
 
