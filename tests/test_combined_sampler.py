@@ -148,14 +148,19 @@ def test_cfg_per_stage(env):
     assert (c - d).abs().max().item() > 1e-4
 
 
-def test_separate_tuned_conditioning(env):
-    other_pos = env["tm"].tiny_conditioning(99)
+@pytest.mark.parametrize("which, seed", [("tuned_positive", 99), ("tuned_negative", 77)])
+def test_separate_tuned_conditioning(env, which, seed):
+    other = env["tm"].tiny_conditioning(seed)
     a = combined(env, env["base"], env["other"], "euler", 2)
-    b = combined(env, env["base"], env["other"], "euler", 2, tuned_positive=other_pos)
+    b = combined(env, env["base"], env["other"], "euler", 2, **{which: other})
     assert (a - b).abs().max().item() > 1e-4
     # only the tuned stage sees it: at k = N nothing changes
     assert torch.equal(combined(env, env["base"], env["other"], "euler", N),
-                       combined(env, env["base"], env["other"], "euler", N, tuned_positive=other_pos))
+                       combined(env, env["base"], env["other"], "euler", N, **{which: other}))
+    # the tuned stage sees exactly that conditioning: k = 0 equals KSampler with it
+    pos, neg = (other, env["neg"]) if which == "tuned_positive" else (env["pos"], other)
+    ref = env["nodes"]["KSampler"]().sample(env["other"], 11, N, 4.0, "euler", "normal", pos, neg, env["latent"])[0]["samples"]
+    assert_close(combined(env, env["base"], env["other"], "euler", 0, **{which: other}), ref)
 
 
 def test_blend_mode_endpoints_and_formula(env):
@@ -443,16 +448,3 @@ def test_denoise_below_one(env):
     full = combined(local, env["base"], env["other"], "euler", 2)
     part = combined(local, env["base"], env["other"], "euler", 2, denoise=0.6)
     assert (full - part).abs().max().item() > 1e-3
-
-
-def test_separate_tuned_negative(env):
-    other_neg = env["tm"].tiny_conditioning(77)
-    a = combined(env, env["base"], env["other"], "euler", 2)
-    b = combined(env, env["base"], env["other"], "euler", 2, tuned_negative=other_neg)
-    assert (a - b).abs().max().item() > 1e-4
-    assert torch.equal(combined(env, env["base"], env["other"], "euler", N),
-                       combined(env, env["base"], env["other"], "euler", N, tuned_negative=other_neg))
-    # the tuned stage sees exactly that negative: k = 0 equals KSampler with it
-    node = env["nodes"]["KSampler"]()
-    ref = node.sample(env["other"], 11, N, 4.0, "euler", "normal", env["pos"], other_neg, env["latent"])[0]["samples"]
-    assert_close(combined(env, env["base"], env["other"], "euler", 0, tuned_negative=other_neg), ref)
