@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_trainer_engine import (assert_resume_equals_uninterrupted, brightness, encode, held_out_brightness,  # noqa: E402
-                                 negated, small, tiny_setup)
+                                 negated, random_lora, small, tiny_setup)
 
 from rewardtune.trainers.config import ConfigError  # noqa: E402
 from rewardtune.trainers.engine import load_checkpoint, train  # noqa: E402
@@ -151,7 +151,6 @@ def test_the_consistency_jump_equals_comfyuis_lcm_model(host, tmp_path):
     import comfy.sd
     import comfy.utils
     from rewardtune.testing import tiny_models as tm
-    from rewardtune.trainers.lora import LoraSet
     from rewardtune.trainers.objectives import StepContext
     from rewardtune.trainers.sqdf import ConsistencyModel
     patcher = tm.tiny_model_patcher(seed=0, unit_scale=True)  # no x0 wrapper: the LCM formula is the model's own
@@ -169,13 +168,7 @@ def test_the_consistency_jump_equals_comfyuis_lcm_model(host, tmp_path):
     assert torch.equal(s_snap, ms_lcm.sigmas[(t.long() - 19) // 20])  # its 50-step grid: t = 19, 39, …, 999
     assert (s_snap - sigma).abs().max() > 1e-3  # the snap does something here
 
-    torch.manual_seed(0)
-    tuned = patcher.clone()
-    policy = LoraSet(tuned, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    with torch.no_grad():
-        for a in policy.adapters.values():
-            a.lora_down.weight.normal_(0, 0.2)
-            a.lora_up.weight.normal_(0, 0.2)
+    tuned, policy = random_lora(patcher, 0.2, 0.2)
     # unit-scale x: the boundary condition's c_skip·x (7e-6·x at t = 19) must show above the tolerance
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 

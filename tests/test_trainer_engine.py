@@ -471,16 +471,25 @@ def test_imagerefl_trains_from_an_image_folder_with_aspect_buckets(tmp_path):
     assert result.step == 6 and all(math.isfinite(h["mse"]) for h in result.history)
 
 
-def test_merged_lora_for_no_grad_calls_equals_the_wrappers_and_restores_them():
-    import comfy.model_management as mm
+def random_lora(patcher, down_std: float, up_std: float | None = None):
+    """A clone of ``patcher`` with a rank-4 LoRA on the attention projections whose weights are
+    drawn after ``torch.manual_seed(0)`` (a fresh LoRA's down weights are zero: it changes nothing)."""
     from rewardtune.trainers.lora import LoraSet
-    patcher, _ = tiny_setup()
     torch.manual_seed(0)
     tuned = patcher.clone()
     lora = LoraSet(tuned, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
     with torch.no_grad():
         for a in lora.adapters.values():
-            a.lora_down.weight.normal_(0, 0.1)
+            a.lora_down.weight.normal_(0, down_std)
+            if up_std is not None:
+                a.lora_up.weight.normal_(0, up_std)
+    return tuned, lora
+
+
+def test_merged_lora_for_no_grad_calls_equals_the_wrappers_and_restores_them():
+    import comfy.model_management as mm
+    patcher, _ = tiny_setup()
+    tuned, lora = random_lora(patcher, 0.1)
     mm.load_models_gpu([tuned])
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 3.0])
     ctx = encode("a")[0][0].expand(2, -1, -1)
