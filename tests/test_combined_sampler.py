@@ -249,12 +249,11 @@ def test_bad_inputs_have_clear_errors(env):
 # (KSamplerAdvanced 0 → k) and, in one full KSampler pass, sends exactly those first calls to the
 # base model and every later call to the tuned one.
 OWN_GRID_SAMPLERS = {"dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"}
-# The reference assumes a step's number of model calls does not depend on the schedule after it.
-# Checked so far: these. Not yet run against it (time, on a shared 2-core machine): the other
-# loop samplers; heunpp2, seeds_*, sa_solver* and exp_heun_2_x0* look at later sigmas and may
-# need another reference.
-REFERENCE_CHECKED = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun",
-                     "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp"]
+# The reference assumes step k-1 makes as many model calls when the schedule ends at sigma_k as in
+# the full schedule. heunpp2 breaks that: its last step is plain euler (1 call), in the full run
+# the same step is Heun++ (3 calls, at sigma_k and sigma_k+1), all of which belong to step k-1
+# and go to the base; measured against this reference it differs by 1.7e-2, by construction.
+NOT_REFERENCE_CHECKED = OWN_GRID_SAMPLERS | {"heunpp2"}
 
 
 def _counting_clone(model, route_after=None, tuned=None):
@@ -284,7 +283,7 @@ def test_every_sampler_hands_off_at_the_step_not_the_sigma(env):
     """dpm_2_ancestral, dpmpp_2s_ancestral(_cfg_pp), heun… evaluate the model a second time inside
     step k−1, at or near sigma_k: those calls still belong to the base model."""
     failures = []
-    for sampler in REFERENCE_CHECKED:
+    for sampler in [s for s in all_samplers() if s not in NOT_REFERENCE_CHECKED]:
         for k in range(1, N):
             ref = step_by_step_reference(env, env["base"], env["other"], sampler, k)
             out = combined(env, env["base"], env["other"], sampler, k)
