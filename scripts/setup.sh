@@ -3,7 +3,8 @@
 #   - a virtualenv (.venv in the clone, or $RT_VENV) with torch 2.14.1 / torchvision 0.29.1,
 #   - a real, unmodified ComfyUI fetched at install time (never committed) and cached outside
 #     the clone, keyed by version ($RT_CACHE_DIR, default ~/.cache/rewardtune),
-#   - ComfyUI's requirements, the pack's requirements and the test requirements,
+#   - ComfyUI's requirements (and ComfyUI-Manager, from its manager_requirements.txt), the pack's
+#     requirements and the test requirements,
 #   - a ComfyUI base directory (.rt/comfy) whose custom_nodes/ links to this pack.
 # Safe to run again: every step is skipped when already done.
 set -euo pipefail
@@ -46,7 +47,7 @@ fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.rewardtune-setup"
 want="$(cat "$ROOT/scripts/setup.sh" "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" \
-        "$COMFY_DIR/requirements.txt" | sha256sum | cut -d' ' -f1)"
+        "$COMFY_DIR/requirements.txt" "$COMFY_DIR/manager_requirements.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing torch and requirements into $VENV"
   "$VPY" -m pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
@@ -57,8 +58,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # packages (~470 MB, only for the browser's template and docs browser).
   grep -v -E '^(torch|torchvision|torchaudio)\s*$|^comfyui-(workflow-templates|embedded-docs)' \
     "$COMFY_DIR/requirements.txt" > "$VENV/comfyui-requirements.txt"
+  # ComfyUI-Manager as ComfyUI pins it (manager_requirements.txt; used with --enable-manager, and
+  # by tests/test_manager_install.py, which installs the pack through it)
   "$VPY" -m pip install --quiet --disable-pip-version-check \
-    -r "$VENV/comfyui-requirements.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
+    -r "$VENV/comfyui-requirements.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" \
+    -r "$COMFY_DIR/manager_requirements.txt"
   echo "$want" > "$stamp"
 fi
 

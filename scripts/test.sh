@@ -7,6 +7,17 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 # test-only reference packages (image-reward) in venvs of their own
 bash "$ROOT/scripts/oracles.sh"
+# comfy-cli (the registry's tool: tests run `comfy node validate` and `comfy node pack`) in a
+# venv of its own, so its dependencies stay out of ComfyUI's
+CLI_VENV="$ROOT/.rt/comfy-cli"
+CLI_PIN="comfy-cli==1.23.0"
+if [ "$(cat "$CLI_VENV/.rewardtune-pin" 2>/dev/null)" != "$CLI_PIN" ]; then
+  echo "[test] installing $CLI_PIN into $CLI_VENV" >&2
+  rm -rf "$CLI_VENV"
+  "${PYTHON:-python3}" -m venv "$CLI_VENV"
+  "$CLI_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CLI_PIN"
+  echo "$CLI_PIN" > "$CLI_VENV/.rewardtune-pin"
+fi
 # Node.js runs the web panel's own tests (tests/web); Debian's package is enough
 if ! command -v node >/dev/null 2>&1; then
   echo "[test] installing Node.js (apt-get install nodejs) for the web panel tests" >&2
