@@ -296,6 +296,9 @@ def test_install_disable_uninstall_through_comfyui_manager(host, tmp_path, monke
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("UV_NO_CACHE", "1")
     monkeypatch.setenv("COLUMNS", "1000")  # keep the Manager's (rich) log lines whole
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")  # git and urllib talk to loopback directly
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("GIT_TERMINAL_PROMPT", "0")
     before = _installed_distributions()
     started = time.time()
 
@@ -356,5 +359,13 @@ def test_install_disable_uninstall_through_comfyui_manager(host, tmp_path, monke
         timings["uninstall"] = time.time() - t
     assert not (custom_nodes / ".disabled" / REPO_NAME).exists() and not installed.exists()
     assert not _written_since(comfyui_dir(), started), "the Manager wrote into the shared ComfyUI folder"
+    # offline: the Manager read its lists from its own package, never from the network
+    logs = "".join(open(os.path.join(work, f), encoding="utf-8", errors="replace").read()
+                   for f in os.listdir(work) if f.startswith("server-") and f.endswith(".log"))
+    fetched = re.findall(r"FETCH DATA from: (\S+)", logs)
+    assert fetched and all(u.startswith("/") for u in fetched), fetched
+    for sign in ("network error", "Cannot connect to comfyregistry", "network connection is unstable",
+                 "FETCH ComfyRegistry"):
+        assert sign not in logs, f"the Manager tried the network: {sign!r}"
     print(f"\n[manager] comfyui_manager {version}: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items())
           + f", total {time.time() - t0:.1f}s")
