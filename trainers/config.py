@@ -105,8 +105,8 @@ class TrainConfig:
 
         ``preset``: a name in ``PRESETS`` (None, "" or "custom" set nothing). ``base`` and each
         override: a ``(where, settings)`` pair, or a plain mapping; ``where`` names the source in
-        messages (e.g. "--config run.json"). Each source's names and types are checked before
-        anything is merged; the result is validated. Raises ConfigError saying what to fix."""
+        messages (e.g. "--config run.json"). Each source's names and types are checked (the
+        message names the source); the merged result is validated. Raises ConfigError saying what to fix."""
         if preset and preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         layers = [] if base is None else [base]
