@@ -1,8 +1,9 @@
 """Node adapters for training: Train Reward LoRA (wait or background) and Load Trained LoRA."""
 from __future__ import annotations
 
-import json
+import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -10,8 +11,8 @@ from comfy_api.latest import io, ui
 
 from ..jobs import in_comfy as jobs
 from ..jobs.manager import JobError, get_manager
-from ..trainers.config import ConfigError, PRECISIONS, TrainConfig
-from ..trainers.presets import PRESETS, apply_preset
+from ..trainers.config import ConfigError, PRECISIONS, TrainConfig, settings_from_json
+from ..trainers.presets import CUSTOM, PRESETS
 from .rewards import RewardModelType
 
 CATEGORY = "RewardTune/training"
@@ -61,38 +62,63 @@ def _roots() -> list[str]:
     return allowed_roots(folder_paths.get_input_directory())
 
 
-def _dataset(folder: str, images, captions: str, cfg: TrainConfig):
+def _dataset(folder: str, images, captions: str, config: TrainConfig):
     from ..trainers.data import examples_from_graph, load_examples
     if images is not None:
         lines = [c for c in (captions or "").splitlines() if c.strip()]
-        return examples_from_graph(images, lines or [""], cfg.width, cfg.height)
+        return examples_from_graph(images, lines or [""], config.width, config.height)
     if folder.strip():
-        return load_examples(folder.strip(), cfg.width, cfg.height, roots=_roots())
+        return load_examples(folder.strip(), config.width, config.height, roots=_roots())
     return None
 
 
-_JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
-               type(None): "null"}
+# The widgets that are TrainConfig settings, with their defaults. A widget left at its default gives
+# way to the preset; one the user changed wins over it (see build_config).
+WIDGET_DEFAULTS = {"objective": "imagerefl", "steps": 500, "learning_rate": 3e-4, "rank": 8, "batch_size": 2,
+                   "grad_accum": 1, "width": 512, "height": 512, "precision": "bf16", "gradient_checkpointing": True,
+                   "save_every": 50, "seed": 0}
+PRECEDENCE = ("Precedence, field by field: a paper preset sets its own values over the widgets left at their "
+              "defaults; widgets you changed win over the preset; config_json wins over both.")
 
 
-def _config_overrides(config_json: str) -> dict:
-    """config_json as a dict of TrainConfig settings, or one error that says how to write it."""
-    try:
-        extra = json.loads(config_json)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config_json is not valid JSON ({e}): write it like {{\"cfg\": 5.0}}") from e
-    if not isinstance(extra, dict):
-        raise ConfigError(f"config_json must be a JSON object like {{\"cfg\": 5.0}} (setting names and their values), "
-                          f"got {_JSON_TYPES.get(type(extra), type(extra).__name__)}: wrap the settings in {{ }}")
-    if "sqdf_lcm_lora" in extra:
-        raise ConfigError("config_json cannot set sqdf_lcm_lora: pick the LCM-LoRA with the lcm_lora input "
-                          "(files in the loras folder)")
-    return extra
+def _widget_settings(name: str, value) -> dict:
+    """A widget's TrainConfig settings (the rank widget sets alpha = rank too)."""
+    if name == "learning_rate":
+        return {"lr": value}
+    if name == "rank":
+        return {"rank": value, "alpha": float(value)}
+    if name == "gradient_checkpointing":
+        return {"grad_checkpointing": value}
+    return {name: value}
+
+
+def _at_default(name: str, value) -> bool:
+    default = WIDGET_DEFAULTS[name]
+    if isinstance(default, float) and isinstance(value, (int, float)):
+        return math.isclose(value, default, rel_tol=1e-9)  # the frontend rounds float widgets
+    return value == default
+
+
+def build_config(preset: str, widgets: dict, config_json: str = "") -> TrainConfig:
+    """The node's TrainConfig, by ``TrainConfig.resolve``: TrainConfig's defaults < the widgets left
+    at their defaults < the preset < the widgets the user changed < config_json."""
+    unchanged, changed = {}, {}
+    for name, value in widgets.items():
+        (unchanged if _at_default(name, value) else changed).update(_widget_settings(name, value))
+    sources = [("the widgets you changed", changed)]
+    if config_json.strip():
+        extra = settings_from_json(config_json, "config_json")
+        if "sqdf_lcm_lora" in extra:
+            raise ConfigError("config_json cannot set sqdf_lcm_lora: pick the LCM-LoRA with the lcm_lora input "
+                              "(files in the loras folder)")
+        sources.append(("config_json", extra))
+    return TrainConfig.resolve(preset, *sources, base=("the widgets", unchanged))
 
 
 class TrainRewardLoRA(io.ComfyNode):
     @classmethod
     def define_schema(cls):
+        d = WIDGET_DEFAULTS
         return io.Schema(
             node_id="RewardTuneTrainLoRA",
             display_name="Train Reward LoRA",
@@ -113,11 +139,12 @@ class TrainRewardLoRA(io.ComfyNode):
                 io.Combo.Input("mode", options=["wait", "background"], default="wait",
                                tooltip="wait: this node runs until training ends. background: it returns at once "
                                        "while the job trains; other prompts keep running."),
-                io.Combo.Input("preset", options=list(PRESETS), default=next(iter(PRESETS)),
-                               tooltip="custom: the settings below. A paper preset sets its own values (objective, "
-                                       "schedule, loss weights and, for SQDF, lr, rank, batch, steps) over the "
-                                       "settings below; the summary shows the result. config_json applies last."),
-                io.Combo.Input("objective", options=["imagerefl", "refl", "sqdf"], default="imagerefl",
+                io.Combo.Input("preset", options=list(PRESETS), default=CUSTOM,
+                               tooltip="custom: the settings below. A paper preset is a starting point: its own "
+                                       "values (objective, schedule, loss weights and, for SQDF, lr, rank, batch, "
+                                       "steps) replace the widgets below that are still at their defaults. "
+                                       + PRECEDENCE + " The summary shows the result."),
+                io.Combo.Input("objective", options=["imagerefl", "refl", "sqdf"], default=d["objective"],
                                tooltip="imagerefl: real images + captions (dataset) with the diffusion loss. refl: "
                                        "classic ReFL from prompts. sqdf: soft-Q fine-tuning from prompts (replay "
                                        "buffer, discount, KL to the base; x̂0 by an LCM-LoRA's consistency jump, "
@@ -134,25 +161,29 @@ class TrainRewardLoRA(io.ComfyNode):
                                         "REWARDTUNE_ALLOW_PATHS when ComfyUI starts (e.g. "
                                         "REWARDTUNE_ALLOW_PATHS=/data:/home/me/sets; ';' between folders on "
                                         "Windows). Ignored when images are connected."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps."),
-                io.Float.Input("learning_rate", default=3e-4, min=1e-7, max=1.0, step=1e-5,
+                io.Int.Input("steps", default=d["steps"], min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=d["learning_rate"], min=1e-7, max=1.0, step=1e-5,
                                tooltip="AdamW learning rate of the LoRA weights."),
-                io.Int.Input("rank", default=8, min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
-                io.Int.Input("batch_size", default=2, min=1, max=64, tooltip="Images per micro-batch."),
-                io.Int.Input("grad_accum", default=1, min=1, max=64,
+                io.Int.Input("rank", default=d["rank"], min=1, max=256, tooltip="LoRA rank (alpha = rank)."),
+                io.Int.Input("batch_size", default=d["batch_size"], min=1, max=64, tooltip="Images per micro-batch."),
+                io.Int.Input("grad_accum", default=d["grad_accum"], min=1, max=64,
                              tooltip="Micro-batches per optimizer step (effective batch = batch_size × this)."),
-                io.Int.Input("width", default=512, min=64, max=2048, step=64, tooltip="Training width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=2048, step=64, tooltip="Training height in pixels."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
+                io.Int.Input("width", default=d["width"], min=64, max=2048, step=64,
+                             tooltip="Training width in pixels."),
+                io.Int.Input("height", default=d["height"], min=64, max=2048, step=64,
+                             tooltip="Training height in pixels."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default=d["precision"],
                                tooltip="bf16 on recent GPUs; fp16 uses loss scaling; fp32 on the CPU."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
+                io.Boolean.Input("gradient_checkpointing", default=d["gradient_checkpointing"],
                                  tooltip="Recompute UNet activations in the backward pass: much less memory, ~30% slower."),
-                io.Int.Input("save_every", default=50, min=1, max=100_000,
+                io.Int.Input("save_every", default=d["save_every"], min=1, max=100_000,
                              tooltip="Checkpoint every n steps (Load Trained LoRA reads the newest)."),
-                io.Int.Input("seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
+                io.Int.Input("seed", default=d["seed"], min=0, max=2 ** 31 - 1, control_after_generate=False,
                              tooltip="Seeds the noise, the stop steps and the LoRA initialisation."),
                 io.String.Input("config_json", multiline=True, default="", advanced=True,
-                                tooltip='Any other TrainConfig field as JSON, applied last, e.g. {"cfg": 5.0}.'),
+                                tooltip='Any TrainConfig field as a JSON object, e.g. {"cfg": 5.0}; it wins over '
+                                        'the preset and the widgets. The fields and what they do: python '
+                                        'scripts/train.py --help (README "Training").'),
                 io.Image.Input("images", optional=True,
                                tooltip="ImageReFL: training images from the graph instead of a folder."),
                 io.String.Input("captions", multiline=True, default="", optional=True,
@@ -179,37 +210,28 @@ class TrainRewardLoRA(io.ComfyNode):
                 steps, learning_rate, rank, batch_size, grad_accum, width, height, precision, gradient_checkpointing,
                 save_every, seed, config_json="", images=None, captions="", lcm_lora="(none)"):
         from ..trainers.data import parse_prompts
-        cfg = apply_preset(TrainConfig(objective=objective, steps=steps, lr=learning_rate, rank=rank, alpha=float(rank),
-                                       batch_size=batch_size, grad_accum=grad_accum, width=width, height=height,
-                                       precision=precision, grad_checkpointing=gradient_checkpointing,
-                                       save_every=save_every, seed=seed), preset)
-        if config_json.strip():
-            extra = _config_overrides(config_json)
-            try:
-                cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), **extra}))
-            except (TypeError, ValueError) as e:
-                if isinstance(e, ConfigError):
-                    raise
-                raise ConfigError(f"config_json holds a value of the wrong type ({e}): write numbers as numbers "
-                                  f"and text in quotes, e.g. {{\"lr\": 0.001, \"objective\": \"refl\"}}") from e
-        if cfg.objective == "sqdf" and lcm_lora and lcm_lora != "(none)":
+        config = build_config(preset, dict(
+            objective=objective, steps=steps, learning_rate=learning_rate, rank=rank, batch_size=batch_size,
+            grad_accum=grad_accum, width=width, height=height, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, save_every=save_every, seed=seed), config_json)
+        if config.objective == "sqdf" and lcm_lora and lcm_lora != "(none)":
             import folder_paths
             path = folder_paths.get_full_path("loras", lcm_lora)
             if path is None:
                 raise ConfigError(f"LCM-LoRA {lcm_lora!r} is not in the loras folder any more: pick another or (none)")
-            cfg = TrainConfig.from_json(json.dumps({**json.loads(cfg.to_json()), "sqdf_lcm_lora": path}))
-        cfg.validate()
+            config = replace(config, sqdf_lcm_lora=path).validate()
         prompt_list = parse_prompts(prompts, roots=_roots()) if prompts.strip() else None
-        data = _dataset(dataset_folder, images, captions, cfg) if cfg.objective == "imagerefl" else None
-        if cfg.objective == "imagerefl" and not data:
-            raise ConfigError("ImageReFL trains on real images: set dataset_folder or connect images")
-        spec = jobs.build_spec(job_name, cfg, model=model, vae=vae, clip=clip, reward=reward_model,
+        data = _dataset(dataset_folder, images, captions, config) if config.needs_images else None
+        config.check_inputs(has_prompts=bool(prompt_list), has_images=bool(data),
+                            give_prompts="write them in prompts, one per line (or the path of a .txt file)",
+                            give_images="set dataset_folder or connect images")
+        spec = jobs.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
                                prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
         manager = get_manager()
         job = manager.submit(spec)
         if mode == "wait":
             import comfy.utils
-            bar = comfy.utils.ProgressBar(cfg.steps, node_id=cls.hidden.unique_id)
+            bar = comfy.utils.ProgressBar(config.steps, node_id=cls.hidden.unique_id)
 
             def progress(step, total, sample_path):
                 preview = None

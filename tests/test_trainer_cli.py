@@ -81,12 +81,13 @@ def test_cli_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(cli, tmp_path):
 
 
 BAD_CONFIGS = {"malformed config": ('{"lr": 0.001,', "is not valid JSON (Expecting property name"),
-               "config list": ('[{"lr": 0.001}]', "holds a list, not an object of settings"),
+               "config list": ('[{"lr": 0.001}]', 'must be a JSON object of settings like {"cfg": 5.0}, not a list'),
                "lr string": ('{"lr": "0.001"}', '"lr" must be a number, got "0.001" (write numbers without quotes)')}
 
 
 @pytest.mark.parametrize("case", ["empty folder", "missing caption", "rank 0", "no prompts", "missing reward",
-                                  *BAD_CONFIGS, "missing config", "reward as checkpoint"])
+                                  *BAD_CONFIGS, "missing config", "reward as checkpoint", "refl without prompts",
+                                  "imagerefl without data"])
 def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
     """One "error:" line on stderr saying what to do, exit status 2, no traceback."""
     data = tmp_path / "data"
@@ -101,6 +102,10 @@ def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
         args, expect = [*refl, "--rank", "0"], "rank must be ≥ 1"
     elif case == "no prompts":
         args, expect = ["--objective", "refl", "--prompts", "# only a comment"], "has no prompts"
+    elif case == "refl without prompts":  # TrainConfig.check_inputs, before ComfyUI is loaded
+        args, expect = ["--objective", "refl"], "classic ReFL samples from prompts: pass --prompts"
+    elif case == "imagerefl without data":
+        args, expect = ["--objective", "imagerefl"], "ImageReFL trains on real images: pass --data"
     elif case == "missing reward":
         args, expect = [*refl, "--reward", str(tmp_path / "nope.pt")], "does not exist"
     elif case in BAD_CONFIGS:

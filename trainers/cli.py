@@ -3,8 +3,11 @@
     python scripts/train.py --checkpoint sd15.safetensors --reward HPS_v2.1_compressed.pt \\
         --prompts prompts.txt --objective refl --steps 200 --out runs/hps
 
-Every ``TrainConfig`` field is an option (``--lr``, ``--rank``, ``--grad-checkpointing`` …);
-``--preset NAME`` then ``--config run.json`` set the base and the options override them. Ctrl-C stops after
+Every ``TrainConfig`` field is an option (``--lr``, ``--rank``, ``--grad-checkpointing`` …; ``--help``
+lists them with what they do). Precedence, lowest first: TrainConfig's defaults < ``--preset NAME``
+< ``--config run.json`` < the options, field by field (the same rule as the node: a preset is the
+starting point, explicit settings win, the most specific one last). A --config file that changes
+fields the preset sets is said on one "note:" line. Ctrl-C stops after
 the current step and saves a checkpoint; ``--resume`` continues it. Nothing in ``--out`` is
 overwritten unless you resume it.
 
@@ -26,7 +29,7 @@ import signal
 import sys
 import threading
 
-from .config import ConfigError, TrainConfig, resume_differences
+from .config import ConfigError, TrainConfig, resume_differences, settings_from_json
 from .presets import PRESETS
 
 INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
@@ -34,17 +37,21 @@ FINGERPRINT = "fingerprint.json"  # the run's fingerprint (trainers/fingerprint.
 
 
 def _config_options(ap: argparse.ArgumentParser) -> None:
-    group = ap.add_argument_group("training settings (TrainConfig; defaults follow the papers)")
+    group = ap.add_argument_group("training settings (TrainConfig; they override --config and --preset; defaults "
+                                  "follow the papers)")
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
+        shown = {None: "unset", "": '""', True: "on", False: "off"}.get(default, default) \
+            if not isinstance(default, list) else " ".join(default)
+        help = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
         elif isinstance(default, list):
-            group.add_argument(flag, nargs="+", default=None, metavar="NAME")
+            group.add_argument(flag, nargs="+", default=None, metavar="NAME", help=help)
         else:
             kind = float if default is None else type(default)
-            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+            group.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-bucketing", action="store_true", help="resize every image to width × height")
     ap.add_argument("--out", required=True, help="the run folder: checkpoint.pt, lora.safetensors, metrics.jsonl")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
-    ap.add_argument("--preset", help="a paper preset (see trainers/presets.py): " + "; ".join(PRESETS))
-    ap.add_argument("--config", help="a JSON config (e.g. a run's config.json); options override it")
+    ap.add_argument("--preset", help="a paper preset, the starting point (trainers/presets.py): " + "; ".join(PRESETS))
+    ap.add_argument("--config", help="a JSON object of settings (e.g. a run's config.json): overrides the preset; "
+                                     "the options below override it")
     ap.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_DIR, or the one this pack is in)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU")
     _config_options(ap)
@@ -80,60 +88,24 @@ def read_config_file(path: str) -> dict:
         raise ConfigError(f"--config {path} is not UTF-8 text: give a JSON file of settings") from None
     except OSError as e:
         raise ConfigError(f"cannot read --config {path} ({e.strerror}): give a JSON file of settings") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): "
-                          'fix it; it should look like {"lr": 0.0003, "steps": 200}') from None
-    if not isinstance(data, dict):
-        kind = {list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(type(data), "a number")
-        raise ConfigError(f"--config {path} holds {kind}, not an object of settings: write it like "
-                          '{"lr": 0.0003, "steps": 200}')
-    check_types(data, f"--config {path}")
-    return data
-
-
-def check_types(data: dict, where: str) -> None:
-    """Each known setting has the type of its TrainConfig field (JSON "0.001" is a string, not a
-    number). Unknown names are left to TrainConfig.from_json, which lists them."""
-    for f in dataclasses.fields(TrainConfig):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if isinstance(default, bool):
-            ok, want = isinstance(value, bool), "true or false"
-        elif isinstance(default, int):
-            ok, want = number and float(value).is_integer(), "a whole number"
-            if ok:
-                data[f.name] = int(value)
-        elif isinstance(default, float) or default is None:
-            ok, want = number or (default is None and value is None), "a number" + (" or null" if default is None else "")
-            if number:
-                data[f.name] = float(value)
-        elif isinstance(default, list):
-            ok, want = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of names"
-        else:
-            ok, want = isinstance(value, str), "a string"
-        if not ok:
-            hint = " (write numbers without quotes)" if isinstance(value, str) and "number" in want else ""
-            raise ConfigError(f'{where}: "{f.name}" must be {want}, got {json.dumps(value)}{hint}')
+    return settings_from_json(text, f"--config {path}")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    base = {}
-    if args.preset:
-        if args.preset not in PRESETS:
-            raise ConfigError(f"unknown preset {args.preset!r}; choose one of: {', '.join(PRESETS)}")
-        base.update(PRESETS[args.preset])
+    """The run's TrainConfig: defaults < --preset < --config < options (``TrainConfig.resolve``)."""
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+               if getattr(args, f.name) is not None}
+    sources = []
     if args.config:
-        base.update(read_config_file(args.config))
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name)
-        if value is not None:
-            base[f.name] = value
-    return TrainConfig.from_json(json.dumps(base))
+        settings = read_config_file(args.config)
+        sources.append((f"--config {args.config}", settings))
+        preset = PRESETS.get(args.preset or "", {})
+        changed = sorted(k for k in settings if k in preset and k not in options and settings[k] != preset[k])
+        if changed:  # say it: a run's config.json holds every field, so it replaces the whole preset
+            print(f"note: --config {args.config} sets {', '.join(changed)} differently from the preset "
+                  f"{args.preset!r}: the file's values are used (options override both)", file=sys.stderr, flush=True)
+    sources.append(("the command line", options))
+    return TrainConfig.resolve(args.preset, *sources)
 
 
 def find_comfyui(explicit: str | None) -> str:
@@ -279,6 +251,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--resume: there is no checkpoint in {args.out}")
     prompts = parse_prompts(args.prompts) if args.prompts else None
     images = load_examples(args.data, config.width, config.height, not args.no_bucketing) if args.data else None
+    config.check_inputs(has_prompts=bool(prompts), has_images=bool(images),
+                        give_prompts="pass --prompts (a .txt file, or the prompts themselves, one per line)",
+                        give_images="pass --data, a folder of images with same-named .txt captions")
 
     print(f"loading ComfyUI from {comfy_dir} …", flush=True)
     if comfy_dir not in sys.path:

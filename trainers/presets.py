@@ -1,13 +1,15 @@
-"""Named training settings from the papers. A preset sets only the fields it lists, and they win
-over the node's widgets (the CLI's options, in turn, win over a preset); "custom" sets nothing."""
+"""Named training settings from the papers: each sets only the fields it lists; "custom" sets none.
+
+A preset is a starting point, not a lock: ``TrainConfig.resolve`` puts it above TrainConfig's
+defaults (and the node's widgets left at their defaults) and below every explicit setting (the
+node's widgets the user changed and its config_json; the CLI's --config file and options). See
+trainers/config.py for the full precedence. Plain data: no imports, so config.py can read it."""
 from __future__ import annotations
 
-from dataclasses import replace
-
-from .config import TrainConfig
+CUSTOM = "custom (the settings below)"
 
 PRESETS: dict[str, dict] = {
-    "custom (the settings below)": {},
+    CUSTOM: {},
     # ImageReFL §4: 40-step DDPM grid, start index 30, t_f in 30–39, 1e-3·[1e-2·MSE − R], batch 8 × 4
     "ImageReFL (paper, SD1.5)": dict(objective="imagerefl"),
     # ImageReFL with a classic ReFL step every 4th step as the regulariser
@@ -28,10 +30,3 @@ PRESETS: dict[str, dict] = {
                                                     imagerefl_start=15, imagerefl_tf_min=15, imagerefl_tf_max=19,
                                                     batch_size=2, grad_accum=1, save_every=25),
 }
-
-
-def apply_preset(config: TrainConfig, name: str) -> TrainConfig:
-    """``config`` with the preset's fields set (they win over what ``config`` holds)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return replace(config, **PRESETS[name])
