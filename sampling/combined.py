@@ -20,6 +20,7 @@ Two ways the tuned model can arrive:
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import uuid
@@ -30,6 +31,7 @@ import torch
 import comfy.hooks
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -176,51 +178,109 @@ def _model_sampling(patcher):
     return patcher.get_model_object("model_sampling")
 
 
-def _sigma_space_mismatch(sb, st) -> str | None:
-    """Why two model_sampling objects do not share one sigma space, or None when they do.
+def _probe_sigmas(sb, st) -> torch.Tensor:
+    """Sigmas covering both models' ranges: 17 quantiles of each sigma table (or its ends)."""
+    points = []
+    for ms in (sb, st):
+        table = getattr(ms, "sigmas", None)
+        if table is not None and table.numel() > 0:
+            table = table.detach().float().cpu().flatten()
+            points.append(table[torch.linspace(0, table.numel() - 1, 17).round().long()])
+        points.append(torch.tensor([float(ms.sigma_max), float(ms.sigma_min) * 1.5 + 1e-3]))
+    lo = max(float(sb.sigma_min), float(st.sigma_min))
+    hi = min(float(sb.sigma_max), float(st.sigma_max))
+    probe = torch.cat(points).clamp(min=lo, max=hi) if lo <= hi else torch.cat(points)
+    return probe.unique()
 
-    Both stages run on one sigma grid (the base model's): the schedule, how a latent is noised
-    to a sigma and how the model input is scaled must agree. What the network predicts (eps,
-    v, x0, lcm: ``calculate_denoised``) may differ; each stage computes its x0 with its own.
+
+def _sigma_space_mismatch(sb, st) -> str | None:
+    """Why two model_sampling objects do not read sigmas the same way, or None when they do.
+
+    Both stages run on one schedule, the base model's. What must agree is how each model reads a
+    sigma on it: the network's timestep for that sigma, how a latent is noised to it, how the model
+    input is scaled and how the output is un-scaled; checked on sigmas covering both models' ranges.
+    The schedules themselves (sigma tables) may differ when that reading agrees: a flow-matching
+    model's shift (ModelSamplingFlux, ModelSamplingSD3 / AuraFlow with the model's own multiplier, a
+    distilled variant's schedule) only changes which sigmas a schedule visits, not what a sigma means.
+    What the network predicts (eps, v, flow velocity: ``calculate_denoised``) may differ too; each
+    stage computes its x0 with its own.
     """
     sig_b, sig_t = getattr(sb, "sigmas", None), getattr(st, "sigmas", None)
     if (sig_b is None) != (sig_t is None):
         return "one model has a discrete noise schedule and the other a continuous one"
-    if sig_b is not None and (sig_b.shape != sig_t.shape
-                              or not torch.allclose(sig_b.float().cpu(), sig_t.float().cpu(), rtol=1e-5, atol=1e-7)):
-        return "their noise schedules (sigma tables) differ (e.g. zero-terminal-SNR, another beta schedule or shift)"
-    probe_sigmas = torch.tensor([float(sb.sigma_max), float(sb.sigma_min) * 1.5 + 1e-3], dtype=torch.float32)
+    tables_differ = sig_b is not None and (
+        sig_b.shape != sig_t.shape or not torch.allclose(sig_b.float().cpu(), sig_t.float().cpu(), rtol=1e-5, atol=1e-7))
+    probe_sigmas = _probe_sigmas(sb, st)
+    n = probe_sigmas.numel()
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 2, 2, 2, generator=gen)
-    latent = torch.randn(2, 2, 2, 2, generator=gen)
-    sig = probe_sigmas.view(2, 1, 1, 1)
+    x = torch.randn(n, 2, 2, 2, generator=gen)
+    latent = torch.randn(n, 2, 2, 2, generator=gen)
+    sig = probe_sigmas.view(n, 1, 1, 1)
     checks = {
-        "sigma_max/sigma_min": (torch.tensor([float(sb.sigma_max), float(sb.sigma_min)]),
-                                torch.tensor([float(st.sigma_max), float(st.sigma_min)])),
-        "timestep(sigma)": (sb.timestep(probe_sigmas).float(), st.timestep(probe_sigmas).float()),
+        "timestep(sigma) (what the network is told the noise level is)": (sb.timestep(probe_sigmas).float(), st.timestep(probe_sigmas).float()),
         "noise scaling": (sb.noise_scaling(probe_sigmas, x, latent), st.noise_scaling(probe_sigmas, x, latent)),
         "input scaling": (sb.calculate_input(sig, x), st.calculate_input(sig, x)),
         "inverse noise scaling": (sb.inverse_noise_scaling(probe_sigmas, x), st.inverse_noise_scaling(probe_sigmas, x)),
     }
     for what, (a, b) in checks.items():
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6):
-            return f"their {what} differ (one is e.g. a flow-matching model or uses another shift)"
+            if tables_differ:
+                return ("their noise schedules (sigma tables) differ and the models read a sigma differently "
+                        f"({what}; e.g. zero-terminal-SNR, another beta schedule, an LCM schedule)")
+            return (f"their {what} differ (e.g. a flow-matching model and an eps/v model, or ModelSamplingSD3's "
+                    "multiplier 1000 on a model that expects AuraFlow's 1.0)")
     return None
+
+
+def _same_prediction(sb, st) -> bool:
+    """Both model_sampling objects read sigmas the same way and turn a network output into the same x0."""
+    if _sigma_space_mismatch(sb, st) is not None:
+        return False
+    probe_sigmas = _probe_sigmas(sb, st)
+    n = probe_sigmas.numel()
+    gen = torch.Generator().manual_seed(1)
+    out, x = torch.randn(n, 2, 2, 2, generator=gen), torch.randn(n, 2, 2, 2, generator=gen)
+    return torch.allclose(sb.calculate_denoised(probe_sigmas, out, x).float(),
+                          st.calculate_denoised(probe_sigmas, out, x).float(), rtol=1e-5, atol=1e-6)
+
+
+def _prediction_kind(ms) -> str:
+    """The sampling type in ComfyUI's words: schedule class and prediction class (e.g. ModelSamplingFlux + CONST)."""
+    own = [c.__name__ for c in type(ms).__mro__ if c.__module__ == comfy.model_sampling.__name__]
+    schedule = next((n for n in own if n.startswith("ModelSampling")), type(ms).__name__)
+    prediction = next((n for n in own if not n.startswith("ModelSampling")), "?")
+    kind = {"EPS": "eps prediction", "V_PREDICTION": "v prediction", "CONST": "flow matching",
+            "X0": "x0 prediction", "EDM": "EDM"}.get(prediction, prediction)
+    shift = getattr(ms, "shift", None)
+    return f"{kind} ({prediction}, {schedule}{f' shift {float(shift):g}' if shift is not None else ''})"
+
+
+def describe_model(patcher) -> str:
+    """A model's family, architecture, latent format and sampling type, for messages."""
+    m = patcher.model
+    return (f"{type(m.model_config).__name__} ({type(m).__name__} architecture, {type(m.latent_format).__name__} latent format, "
+            f"{_prediction_kind(_model_sampling(patcher))})")
 
 
 def _check_compatible(base, tuned):
     bm, tm = base.model, tuned.model
     if type(bm) is not type(tm) or type(bm.latent_format) is not type(tm.latent_format):
         raise CombinedSamplingError(
-            "base and tuned models must be the same architecture with the same latent format "
-            f"(got {type(bm).__name__}/{type(bm.latent_format).__name__} and "
-            f"{type(tm).__name__}/{type(tm.latent_format).__name__}). Load a tuned model made from the same base.")
+            "base and tuned models must be the same architecture with the same latent format: the base model is "
+            f"{describe_model(base)}, the tuned model is {describe_model(tuned)}. Load a tuned model of the same family "
+            "(a LoRA on the base, or a fine-tune of the same base).")
     sb, st = _model_sampling(base), _model_sampling(tuned)
     why = _sigma_space_mismatch(sb, st)
     if why is not None:
         raise CombinedSamplingError(
             f"base and tuned models use different noise schedules: {why}. Both stages run on one sigma grid, so "
-            "patch both the same way (e.g. the same ModelSamplingDiscrete / ModelSampling* settings) before combining them.")
+            "patch both the same way (e.g. the same ModelSamplingDiscrete / ModelSampling* settings) before combining them. "
+            f"Base: {describe_model(base)}; tuned: {describe_model(tuned)}.")
+    sig_b, sig_t = getattr(sb, "sigmas", None), getattr(st, "sigmas", None)
+    if sig_b is not None and (sig_b.shape != sig_t.shape or not torch.equal(sig_b.float().cpu(), sig_t.float().cpu())):
+        logging.info("RewardTune combined sampling: the tuned model's noise schedule (e.g. its shift) differs from the "
+                     "base model's; both stages run on the base model's schedule, on which the tuned model reads every "
+                     "sigma the same way. Set the shift on the base model to change the schedule.")
 
 
 @dataclass
@@ -260,10 +320,15 @@ class CombinedGuider(comfy.samplers.CFGGuider):
         self.switch_step, self.switch_fraction = switch_step, switch_fraction
         self.shared = base.is_clone(tuned)
         if self.shared:
-            if not _options_equal(base.object_patches, tuned.object_patches):
-                differing = sorted(set(base.object_patches) ^ set(tuned.object_patches) | {
-                    k for k in set(base.object_patches) & set(tuned.object_patches)
-                    if not _options_equal(base.object_patches[k], tuned.object_patches[k])})
+            differing = set(base.object_patches) ^ set(tuned.object_patches) | {
+                k for k in set(base.object_patches) & set(tuned.object_patches)
+                if not _options_equal(base.object_patches[k], tuned.object_patches[k])}
+            if "model_sampling" in differing and _same_prediction(_model_sampling(base), _model_sampling(tuned)):
+                # e.g. ModelSamplingFlux / ModelSamplingSD3 with another shift on one branch: only the schedule
+                # differs, and the schedule is the base model's; every call reads sigmas the same way.
+                differing.discard("model_sampling")
+            if differing:
+                differing = sorted(differing)
                 raise CombinedSamplingError(
                     "the tuned model shares its weights with the base model but is patched differently "
                     f"({', '.join(differing)}; e.g. a ModelSamplingDiscrete v_prediction/lcm patch on one of them). "
