@@ -7,7 +7,12 @@ A job lives in a folder of its own under ComfyUI's output folder and survives a 
         config.json       the TrainConfig
         metrics.jsonl     one JSON line per optimizer step
         checkpoint.pt     LoRA + optimizer + RNG (written atomically by the engine)
-        lora.safetensors  the final LoRA (also copied to models/loras/rewardtune/<job id>.safetensors)
+        lora.safetensors  the final LoRA
+
+The manager owns a trained LoRA's way into the graph: ``publish`` copies the final LoRA (or a
+mid-training checkpoint's, as ``<job id>-latest``) into ``models/loras/rewardtune/`` and
+``lora_name`` is the name LoraLoader lists it under. ``remove`` deletes an ended job's folder
+(event ``rewardtune.removed``).
 
 The job id is the job name plus a fingerprint of everything that defines the run (config, data,
 prompts, models): queueing the same graph again finds the same job and attaches to it (running),
@@ -22,6 +27,7 @@ thread and cancels its job (see nodes/trainer.py).
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import os
@@ -38,8 +44,9 @@ from ..trainers.atomic import atomic_write
 from ..trainers.config import TrainConfig
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}\Z")  # \Z: "$" would accept a trailing newline
-STATES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running")                            # a job in these states holds the worker or waits
+ENDED = ("finished", "stopped", "failed", "interrupted")  # these can be resumed or removed
+LORA_FOLDER = "rewardtune"  # published LoRAs: <first loras folder>/rewardtune/, listed as rewardtune/<file>
 MAX_QUEUED = 4
 log = logging.getLogger("rewardtune.jobs")
 
@@ -63,11 +70,16 @@ def write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def fingerprint(*parts) -> str:
-    """The fingerprint of values in order; a run's is trainers.fingerprint.run_identity's, shared
-    with the command line (jobs/in_comfy.build_spec)."""
-    from ..trainers.fingerprint import hash_parts
-    return hash_parts(*parts)
+def api_prompt(prompt) -> dict | None:
+    """A clean copy of an API prompt, as a client queues it: per node its ``class_type``, ``inputs``
+    and ``_meta``, nothing the executor added. ComfyUI writes ``"is_changed": [NaN]`` into the
+    prompt it executes (nodes with a fingerprint function); queued again, that stored value stands in
+    for the node's fingerprint and the whole graph comes from the output cache: the job would
+    never resume."""
+    if not isinstance(prompt, dict):
+        return None
+    return {str(node_id): {k: copy.deepcopy(node[k]) for k in ("class_type", "inputs", "_meta") if k in node}
+            for node_id, node in prompt.items() if isinstance(node, dict) and "class_type" in node}
 
 
 def checkpoint_step(path: str) -> int:
@@ -225,6 +237,9 @@ class JobManager:
             log.warning("RewardTune: cannot list the jobs folder %s: %s", self.root, e)
             return
         for name in names:
+            if name.startswith(".removed-"):  # a removal the last server did not finish
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                continue
             try:
                 job = self._load(name)
             except Exception as e:  # a damaged job folder must not stop the server from starting
@@ -242,15 +257,13 @@ class JobManager:
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError("job.json does not hold a JSON object")
-        if "config" in data:
-            config = TrainConfig.from_json(json.dumps(data["config"]))
-        else:
-            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-                config = TrainConfig.from_json(f.read())
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            config = TrainConfig.from_json(f.read())
         state = data.get("state")
+        # api_prompt: job.json files written by earlier versions hold the executed prompt (is_changed: NaN)
         job = Job(name, folder, str(data.get("name", name)), config, str(data.get("fingerprint", "")),
-                  state=state if state in STATES else "interrupted", error=data.get("error"),
-                  created=float(data.get("created", time.time())), prompt=data.get("prompt"))
+                  state=state if state in ACTIVE + ENDED else "interrupted", error=data.get("error"),
+                  created=float(data.get("created", time.time())), prompt=api_prompt(data.get("prompt")))
         # the step a resume starts from is the checkpoint's, not the last logged one: a kill
         # between a step's metrics line and its checkpoint leaves the log ahead
         job.step, job.error = resume_step(job)
@@ -293,7 +306,7 @@ class JobManager:
                                f"POST /rewardtune/jobs/<id>/cancel) or wait for them to finish")
             if job is None:
                 job = Job(job_id, os.path.join(self.root, job_id), spec.name, spec.config, spec.fingerprint,
-                          prompt=spec.prompt)
+                          prompt=api_prompt(spec.prompt))
                 os.makedirs(job.dir, exist_ok=True)
                 write_text(os.path.join(job.dir, "config.json"), spec.config.to_json())
                 self._jobs[job_id] = job
@@ -343,7 +356,7 @@ class JobManager:
             job.step = job.spec.run(job)
             job.state = "stopped" if job.cancel.is_set() and job.step < job.config.steps else "finished"
             if job.state == "finished":
-                self._publish_lora(job)
+                self.publish(job)
         except Exception as e:  # the job fails; the server and the last checkpoint are kept
             job.state, job.error = "failed", f"{type(e).__name__}: {e}"
             log.error("RewardTune job %s failed:\n%s", job.id, traceback.format_exc())
@@ -354,15 +367,56 @@ class JobManager:
             job.done.set()
             self._event(job)
 
-    def _publish_lora(self, job: Job) -> None:
-        if self.lora_dir and os.path.exists(job.lora):
-            os.makedirs(self.lora_dir, exist_ok=True)
-            dst = os.path.join(self.lora_dir, f"{job.id}.safetensors")
-            atomic_write(dst, lambda tmp: shutil.copyfile(job.lora, tmp))
+    # ---- the trained LoRA in the loras folder
+    def lora_name(self, job: Job, latest: bool = False) -> str:
+        """The name LoraLoader lists the job's published LoRA under: the final one, or with
+        ``latest`` the copy of a mid-training checkpoint's."""
+        return f"{LORA_FOLDER}/{job.id}{'-latest' if latest else ''}.safetensors"
 
-    def lora_name(self, job: Job) -> str:
-        """The name LoraLoader lists for the job's published LoRA."""
-        return f"rewardtune/{job.id}.safetensors"
+    def publish(self, job: Job, latest_lora: dict | None = None) -> str:
+        """Write a job's LoRA into the loras folder (atomically) and return its LoraLoader name:
+        the final ``lora.safetensors`` (copied when the job finishes), or ``latest_lora``, the
+        weights of a mid-training checkpoint, as ``<job id>-latest``. Without a loras folder (a
+        manager outside ComfyUI) nothing is written."""
+        name = self.lora_name(job, latest=latest_lora is not None)
+        if not self.lora_dir:
+            return name
+        dst = os.path.join(self.lora_dir, os.path.basename(name))
+        os.makedirs(self.lora_dir, exist_ok=True)
+        if latest_lora is None:
+            if os.path.exists(job.lora):
+                atomic_write(dst, lambda tmp: shutil.copyfile(job.lora, tmp))
+        else:
+            import safetensors.torch
+            tensors = {k: v.contiguous() for k, v in latest_lora.items()}
+            atomic_write(dst, lambda tmp: safetensors.torch.save_file(tensors, tmp))
+        return name
+
+    # ---- remove
+    def remove(self, job_id: str) -> Job:
+        """Delete an ended job (finished, stopped, failed, interrupted): its folder and its entry.
+        A queued or running job is refused (JobError: cancel it first). The LoRAs it published in
+        the loras folder stay: workflows may load them. The folder is first renamed (one atomic
+        step that the job list never shows half done), then deleted."""
+        job = self.get(job_id)
+        if job is None:
+            raise KeyError(job_id)
+        if job.state not in ACTIVE:
+            job.done.wait(10)  # a job that has just ended: the worker's last save takes a moment
+        with self._lock:
+            if job.state in ACTIVE or not job.done.is_set():  # done: the worker has saved it for the last time
+                raise JobError(f"job {job.id} is {job.state}: cancel it and wait until it has stopped, then remove it")
+            trash = os.path.join(self.root, f".removed-{job.id}-{time.time_ns()}")
+            if os.path.exists(job.dir):
+                os.replace(job.dir, trash)  # an OSError here leaves the job as it was
+            del self._jobs[job.id]
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("RewardTune: removed job %s", job.id)
+        try:
+            self.notify("rewardtune.removed", {"id": job.id})
+        except Exception:  # the event loop may be gone at shutdown
+            pass
+        return job
 
     def _event(self, job: Job) -> None:
         try:
@@ -390,7 +444,7 @@ def get_manager() -> JobManager:
         if _MANAGER is None:
             import folder_paths
             root = os.path.join(folder_paths.get_output_directory(), "rewardtune", "jobs")
-            lora_dir = os.path.join(folder_paths.get_folder_paths("loras")[0], "rewardtune")
+            lora_dir = os.path.join(folder_paths.get_folder_paths("loras")[0], LORA_FOLDER)
             _MANAGER = JobManager(root, lora_dir, notify=_send_sync)
             atexit.register(_MANAGER.shutdown)
         return _MANAGER

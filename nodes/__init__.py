@@ -1,4 +1,7 @@
-"""ComfyUI node adapters. Each node is a schema plus one call into the pack's library code."""
+"""ComfyUI node adapters. Each node is a schema plus one call into the pack's library code.
+
+ComfyUI enters through the package's ``comfy_entrypoint`` (the repository's ``__init__.py``),
+which builds the extension below and adds the job routes."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
@@ -33,8 +36,3 @@ def add_routes() -> None:
     register(instance)
     get_manager()
     _ROUTES_ADDED = True
-
-
-async def comfy_entrypoint() -> RewardTuneExtension:
-    add_routes()
-    return RewardTuneExtension()

@@ -10,17 +10,16 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..metrics import cosine_diversity, vendi_score
-from ..metrics import in_comfy as emb_host
+from ..metrics import comfy_embedders, cosine_diversity, vendi_score
 from ..metrics.plot import tradeoff_plot
-from ..rewards import in_comfy as reward_host
+from ..rewards import comfy_rewards
 from ..sampling.sweep import parse_points, quality_diversity_sweep
 from .rewards import RewardModelType
 
 CATEGORY = "RewardTune/diversity"
 EmbedderType = io.Custom("DIVERSITY_EMBEDDER")
 
-emb_host.register_folder()
+comfy_embedders.register_folder()
 
 
 def _embedder_input():
@@ -35,7 +34,7 @@ class LoadDiversityEmbedder(io.ComfyNode):
             node_id="RewardTuneLoadDiversityEmbedder", display_name="Load Diversity Embedder", category=CATEGORY,
             description="Image embedder for diversity: DINO ViT-S/16 (ImageReFL's choice), a CLIP vision model, "
                         "or plain downscaled pixels (no model).",
-            inputs=[io.Combo.Input("embedder_name", options=emb_host.embedder_files(), default=emb_host.PIXELS,
+            inputs=[io.Combo.Input("embedder_name", options=comfy_embedders.embedder_files(), default=comfy_embedders.PIXELS,
                                    tooltip="A file in models/diversity_models (e.g. dino_deitsmall16_pretrain.pth) or "
                                            "models/clip_vision; or 'pixels (no model)' for a quick look."),
                     io.ClipVision.Input("clip_vision", optional=True,
@@ -44,7 +43,7 @@ class LoadDiversityEmbedder(io.ComfyNode):
 
     @classmethod
     def execute(cls, embedder_name, clip_vision=None):
-        return io.NodeOutput(emb_host.load(embedder_name, clip_vision))
+        return io.NodeOutput(comfy_embedders.load(embedder_name, clip_vision))
 
 
 class DiversityScore(io.ComfyNode):
@@ -66,7 +65,7 @@ class DiversityScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, images_per_prompt, embedder=None):
-        handle = embedder or emb_host.PIXEL_HANDLE
+        handle = embedder or comfy_embedders.PIXEL_HANDLE
         emb = handle.embed(images, progress=True)
         per = images_per_prompt or None
         div, ven = cosine_diversity(emb, per_group=per), vendi_score(emb, per_group=per)
@@ -117,11 +116,11 @@ class QualityDiversitySweep(io.ComfyNode):
                 steps, switch_steps, blend_powers, cfg_base, cfg_tuned, sampler_name, scheduler, width, height,
                 embedder=None):
         points = parse_points(switch_steps, blend_powers, steps)
-        texts = reward_host.split_prompts(prompts, True)
+        texts = comfy_rewards.split_prompts(prompts, True)
         encode = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
         neg = encode(negative)
         conds = [(t, encode(t), neg) for t in texts]
-        handle = embedder or emb_host.PIXEL_HANDLE
+        handle = embedder or comfy_embedders.PIXEL_HANDLE
         bar = comfy.utils.ProgressBar(len(points) * len(conds))
 
         def on_progress(done, total):
@@ -130,7 +129,7 @@ class QualityDiversitySweep(io.ComfyNode):
 
         rows = quality_diversity_sweep(
             base_model, tuned_model, vae, conds, points,
-            score=lambda images, text: reward_host.score_images(reward_model, images, [text]),
+            score=lambda images, text: comfy_rewards.score_images(reward_model, images, [text]),
             embed=lambda images: handle.embed(images), images_per_prompt=images_per_prompt, seed=seed,
             steps=steps, cfg_base=cfg_base, cfg_tuned=cfg_tuned, sampler_name=sampler_name, scheduler=scheduler,
             width=width, height=height, on_progress=on_progress)

@@ -4,13 +4,12 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io, ui
 
-from ..rewards import REWARD_TYPES
-from ..rewards import in_comfy
+from ..rewards import REWARD_TYPES, comfy_rewards
 
 CATEGORY = "RewardTune/rewards"
 RewardModelType = io.Custom("REWARD_MODEL")
 
-in_comfy.register_reward_folder()
+comfy_rewards.register_reward_folder()
 
 
 def _prompt_inputs():
@@ -36,15 +35,15 @@ class LoadRewardModel(io.ComfyNode):
                         "HPS_v2(.1)_compressed.pt, PickScore_v1 (folder with model.safetensors), or the LAION "
                         "aesthetic head with a CLIP ViT-L/14. No download, no extra packages.",
             inputs=[
-                io.Combo.Input("reward_model", options=in_comfy.reward_files(),
+                io.Combo.Input("reward_model", options=comfy_rewards.reward_files(),
                                tooltip="A file in models/reward_models (or a reward_models path in extra_model_paths.yaml). "
                                        "For an HF folder such as PickScore_v1, pick its model.safetensors."),
                 io.Combo.Input("reward_type", options=["auto", *REWARD_TYPES], default="auto",
                                tooltip="auto reads the type from the file. hpsv2 and hpsv2.1 share one architecture; "
                                        "the choice only names the scores."),
-                io.Combo.Input("precision", options=list(in_comfy.PRECISIONS), default="auto",
+                io.Combo.Input("precision", options=list(comfy_rewards.PRECISIONS), default="auto",
                                tooltip="auto: fp16 on GPUs that support it, fp32 on CPU."),
-                io.Combo.Input("aesthetic_clip", options=["(none)", *in_comfy.clip_files()], default="(none)",
+                io.Combo.Input("aesthetic_clip", options=["(none)", *comfy_rewards.clip_files()], default="(none)",
                                tooltip="Aesthetic only: the CLIP ViT-L/14 its head scores (e.g. clip_vision/"
                                        "clip-vit-large-patch14.safetensors). Ignored when clip_vision is connected."),
                 io.ClipVision.Input("clip_vision", optional=True,
@@ -56,7 +55,7 @@ class LoadRewardModel(io.ComfyNode):
     @classmethod
     def execute(cls, reward_model, reward_type, precision, aesthetic_clip, clip_vision=None):
         clip_name = None if aesthetic_clip == "(none)" else aesthetic_clip
-        return io.NodeOutput(in_comfy.load_reward(reward_model, reward_type, precision, clip_vision, clip_name))
+        return io.NodeOutput(comfy_rewards.load_reward(reward_model, reward_type, precision, clip_vision, clip_name))
 
 
 class ScoreImages(io.ComfyNode):
@@ -84,10 +83,10 @@ class ScoreImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, reward_model, images, prompt, one_prompt_per_line, batch_size, caption_images):
-        prompts = in_comfy.split_prompts(prompt, one_prompt_per_line)
-        scores = in_comfy.score_images(reward_model, images, prompts, batch_size)
-        text = in_comfy.summary(reward_model, scores, prompts)
-        captioned = in_comfy.caption(images, scores, reward_model.model.label) if caption_images else images
+        prompts = comfy_rewards.split_prompts(prompt, one_prompt_per_line)
+        scores = comfy_rewards.score_images(reward_model, images, prompts, batch_size)
+        text = comfy_rewards.summary(reward_model, scores, prompts)
+        captioned = comfy_rewards.caption(images, scores, reward_model.model.label) if caption_images else images
         return io.NodeOutput(scores.tolist(), text, captioned, ui=ui.PreviewText(text))
 
 
@@ -115,10 +114,10 @@ class BestOfN(io.ComfyNode):
 
     @classmethod
     def execute(cls, reward_model, images, prompt, one_prompt_per_line, batch_size, top_k):
-        prompts = in_comfy.split_prompts(prompt, one_prompt_per_line)
-        scores = in_comfy.score_images(reward_model, images, prompts, batch_size)
-        keep = in_comfy.rank(scores, top_k)
-        text = in_comfy.summary(reward_model, scores, prompts) + \
+        prompts = comfy_rewards.split_prompts(prompt, one_prompt_per_line)
+        scores = comfy_rewards.score_images(reward_model, images, prompts, batch_size)
+        keep = comfy_rewards.rank(scores, top_k)
+        text = comfy_rewards.summary(reward_model, scores, prompts) + \
             f"\nkept {len(keep)}: " + ", ".join(f"#{i} ({scores[i]:.4f})" for i in keep)
         best = images[torch.tensor(keep, device=images.device)]
         return io.NodeOutput(best, scores[keep].tolist(), keep, text, ui=ui.PreviewText(text))

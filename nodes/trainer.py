@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..jobs import in_comfy as jobs
-from ..jobs.manager import JobError, get_manager
+from ..jobs import comfy_training
+from ..jobs.manager import LORA_FOLDER, JobError, get_manager
 from ..trainers.config import ConfigError, PRECISIONS, TrainConfig, settings_from_json
 from ..trainers.presets import CUSTOM, PRESETS
 from .rewards import RewardModelType
@@ -52,7 +52,7 @@ def summary(job, lora_name: str | None) -> str:
 
 def _lora_files() -> list[str]:
     import folder_paths
-    return [f for f in folder_paths.get_filename_list("loras") if not f.startswith("rewardtune/")]
+    return [f for f in folder_paths.get_filename_list("loras") if not f.startswith(f"{LORA_FOLDER}/")]
 
 
 def _roots() -> list[str]:
@@ -225,8 +225,8 @@ class TrainRewardLoRA(io.ComfyNode):
         config.check_inputs(has_prompts=bool(prompt_list), has_images=bool(data),
                             give_prompts="write them in prompts, one per line (or the path of a .txt file)",
                             give_images="set dataset_folder or connect images")
-        spec = jobs.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
-                               prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
+        spec = comfy_training.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
+                                         prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
         manager = get_manager()
         job = manager.submit(spec)
         if mode == "wait":
@@ -239,11 +239,9 @@ class TrainRewardLoRA(io.ComfyNode):
                     from PIL import Image
                     preview = ("PNG", Image.open(sample_path).convert("RGB"), 512)
                 bar.update_absolute(step, total, preview)
-            jobs.wait(job, progress)
+            comfy_training.wait(job, progress)
         if job.state == "finished":
-            lora_name = manager.lora_name(job)
-            lora_sd, _ = jobs.lora_from_checkpoint(job)
-            tuned = jobs.apply_lora(model, lora_sd)
+            tuned, lora_name, _ = comfy_training.tuned_model(job, model)
         else:
             lora_name, tuned = manager.lora_name(job), model
         text = summary(job, lora_name if job.state == "finished" else None)
@@ -287,11 +285,9 @@ class LoadTrainedLoRA(io.ComfyNode):
         if which == "final" and found.state != "finished":
             raise JobError(f"job {found.id} is {found.state} at step {found.step}/{found.config.steps}: "
                            "choose which = newest, or wait for it to finish")
-        lora_sd, step = jobs.lora_from_checkpoint(found)
-        tag = "" if found.state == "finished" and step >= found.config.steps else "-latest"
-        name = manager.lora_name(found) if not tag else jobs.publish_lora(found, lora_sd, tag)
+        tuned, name, step = comfy_training.tuned_model(found, model, strength)
         text = summary(found, name) + f"\nloaded the checkpoint of step {step}"
-        return io.NodeOutput(jobs.apply_lora(model, lora_sd, strength), name, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(tuned, name, text, ui=ui.PreviewText(text))
 
 
 NODES = [TrainRewardLoRA, LoadTrainedLoRA]

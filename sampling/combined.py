@@ -76,7 +76,9 @@ class CombinedSamplingError(ValueError):
 
 
 def resolve_switch_step(steps: int, switch_step: int | None = None, switch_fraction: float | None = None) -> int:
-    """The index k of the first step run by the tuned model, from a step index or a fraction.
+    """The index k of the first step run by the tuned model, from a step index or a fraction: the
+    one place the switch step is computed (the Combined KSampler, the guider and the sweep all
+    call it).
 
     ``switch_fraction`` (in [0, 1]) takes precedence when given; it is rounded to the nearest step,
     halves up (0.5 of 9 steps is 5; Python's ``round`` would give 4, ties to even).
@@ -283,6 +285,45 @@ def _check_compatible(base, tuned):
                      "sigma the same way. Set the shift on the base model to change the schedule.")
 
 
+def _check_shared_clone(base, tuned):
+    """A tuned model that shares the base's weights may differ from it in weight patches only."""
+    differing = set(base.object_patches) ^ set(tuned.object_patches) | {
+        k for k in set(base.object_patches) & set(tuned.object_patches)
+        if not _options_equal(base.object_patches[k], tuned.object_patches[k])}
+    if "model_sampling" in differing and _same_prediction(_model_sampling(base), _model_sampling(tuned)):
+        # e.g. ModelSamplingFlux / ModelSamplingSD3 with another shift on one branch: only the schedule
+        # differs, and the schedule is the base model's; every call reads sigmas the same way.
+        differing.discard("model_sampling")
+    if differing:
+        differing = sorted(differing)
+        raise CombinedSamplingError(
+            "the tuned model shares its weights with the base model but is patched differently "
+            f"({', '.join(differing)}; e.g. a ModelSamplingDiscrete v_prediction/lcm patch on one of them). "
+            "Combined sampling can only swap weight patches (e.g. a LoRA) between stages of one model: apply "
+            "the same patch to both, or load the tuned model as its own checkpoint.")
+    if not (_options_equal(base.weight_wrapper_patches, tuned.weight_wrapper_patches)
+            and _options_equal(base.model_options, tuned.model_options)):
+        raise CombinedSamplingError(
+            "the tuned model shares its weights with the base model but differs in more than weight "
+            "patches (weight wrappers or model options). Combined sampling can only swap "
+            "weight patches (e.g. a LoRA) between stages: apply the other patches to both models.")
+
+
+def check_models(base, tuned):
+    """Refuse a base/tuned pair combined sampling cannot run, with what to change."""
+    if base is None or tuned is None:
+        raise CombinedSamplingError("both a base MODEL and a tuned MODEL are needed.")
+    _check_compatible(base, tuned)
+    if base.is_clone(tuned):
+        _check_shared_clone(base, tuned)
+
+
+def _check_conds(positive, negative):
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is None or len(cond) == 0:
+            raise CombinedSamplingError(f"{name} conditioning is empty; connect a CLIP Text Encode output.")
+
+
 @dataclass
 class _Stage:
     """How one stage's calls are made: which inner model, which cond keys, which CFG scale."""
@@ -307,39 +348,17 @@ class CombinedGuider(comfy.samplers.CFGGuider):
 
     def __init__(self, base, tuned, *, switch_step: int | None = None, switch_fraction: float | None = None,
                  cfg_base: float = 7.5, cfg_tuned: float = 1.0, mode: str = "switch", blend_power: float = 1.0):
-        if base is None or tuned is None:
-            raise CombinedSamplingError("both a base MODEL and a tuned MODEL are needed.")
         if mode not in SWITCH_MODES:
             raise CombinedSamplingError(f"mode must be one of {SWITCH_MODES} (got {mode!r}).")
         if mode == "blend" and not (blend_power > 0):
             raise CombinedSamplingError(f"blend power p must be > 0 (got {blend_power}).")
         if switch_step is None and switch_fraction is None:
             raise CombinedSamplingError("give a switch step or a switch fraction.")
-        _check_compatible(base, tuned)
+        check_models(base, tuned)
         self.mode, self.blend_power = mode, float(blend_power)
         self.switch_step, self.switch_fraction = switch_step, switch_fraction
         self.shared = base.is_clone(tuned)
         if self.shared:
-            differing = set(base.object_patches) ^ set(tuned.object_patches) | {
-                k for k in set(base.object_patches) & set(tuned.object_patches)
-                if not _options_equal(base.object_patches[k], tuned.object_patches[k])}
-            if "model_sampling" in differing and _same_prediction(_model_sampling(base), _model_sampling(tuned)):
-                # e.g. ModelSamplingFlux / ModelSamplingSD3 with another shift on one branch: only the schedule
-                # differs, and the schedule is the base model's; every call reads sigmas the same way.
-                differing.discard("model_sampling")
-            if differing:
-                differing = sorted(differing)
-                raise CombinedSamplingError(
-                    "the tuned model shares its weights with the base model but is patched differently "
-                    f"({', '.join(differing)}; e.g. a ModelSamplingDiscrete v_prediction/lcm patch on one of them). "
-                    "Combined sampling can only swap weight patches (e.g. a LoRA) between stages of one model: apply "
-                    "the same patch to both, or load the tuned model as its own checkpoint.")
-            if not (_options_equal(base.weight_wrapper_patches, tuned.weight_wrapper_patches)
-                    and _options_equal(base.model_options, tuned.model_options)):
-                raise CombinedSamplingError(
-                    "the tuned model shares its weights with the base model but differs in more than weight "
-                    "patches (weight wrappers or model options). Combined sampling can only swap "
-                    "weight patches (e.g. a LoRA) between stages: apply the other patches to both models.")
             common, base_extra, tuned_extra = _split_patches(base, tuned)
             guider_model = base.clone()
             guider_model.patches = common
@@ -361,9 +380,7 @@ class CombinedGuider(comfy.samplers.CFGGuider):
         self._same_conds = tuned_positive is None and tuned_negative is None
         tuned_positive = positive if tuned_positive is None else tuned_positive
         tuned_negative = negative if tuned_negative is None else tuned_negative
-        for name, cond in (("positive", positive), ("negative", negative)):
-            if cond is None or len(cond) == 0:
-                raise CombinedSamplingError(f"{name} conditioning is empty; connect a CLIP Text Encode output.")
+        _check_conds(positive, negative)
         if self._base_hooks is not None:
             positive = comfy.hooks.set_hooks_for_conditioning(positive, self._base_hooks)
             negative = comfy.hooks.set_hooks_for_conditioning(negative, self._base_hooks)
@@ -385,11 +402,7 @@ class CombinedGuider(comfy.samplers.CFGGuider):
     # -- routing ------------------------------------------------------------------------------
     def _start(self, sigmas):
         n = int(sigmas.shape[-1]) - 1
-        if self.switch_fraction is not None and self.switch_step is None:
-            k = resolve_switch_step(n, switch_fraction=self.switch_fraction)
-        else:
-            k = resolve_switch_step(n, switch_step=self.switch_step)
-        self._n_steps, self._k = n, k
+        self._n_steps, self._k = n, resolve_switch_step(n, self.switch_step, self.switch_fraction)
         self._sigmas = sigmas.detach().float().cpu()
 
     def _step_of(self, sigma: float) -> int:
@@ -481,15 +494,7 @@ def _stage_guider(model, positive, negative, cfg):
     return g
 
 
-def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int, steps: int, sampler_name: str,
-                    scheduler: str, cfg_base: float, cfg_tuned: float, switch_step: int | None = None,
-                    switch_fraction: float | None = None, denoise: float = 1.0, mode: str = "switch",
-                    blend_power: float = 1.0, handoff: str = "continuous", tuned_positive=None, tuned_negative=None,
-                    callback=None, disable_pbar: bool = True) -> dict:
-    """KSampler semantics (same noise, sigmas and sampler) with the base→tuned handoff.
-
-    Returns a new LATENT dict. ``callback(step, x0, x, total_steps)`` is ComfyUI's preview callback.
-    """
+def _check_sample_args(sampler_name: str, scheduler: str, mode: str, handoff: str, latent) -> None:
     if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
         raise CombinedSamplingError(f"unknown sampler {sampler_name!r}; choose one of {comfy.samplers.KSampler.SAMPLERS}.")
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
@@ -500,12 +505,42 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
         raise CombinedSamplingError("the 'restart' handoff only applies to the 'switch' mode; use 'continuous' for 'blend'.")
     if not isinstance(latent, dict) or "samples" not in latent:
         raise CombinedSamplingError("latent must be a LATENT (a dict with 'samples').")
-    latent_image = latent["samples"]
-    if latent_image.shape[0] == 0:
+    if latent["samples"].shape[0] == 0:
         raise CombinedSamplingError("the latent batch is empty; connect an Empty Latent Image with batch size ≥ 1.")
-    # Validate the switch against the requested step count before any work.
-    k = resolve_switch_step(steps, switch_step=None if switch_fraction is not None else switch_step,
-                            switch_fraction=switch_fraction)
+
+
+def _two_passes(base, tuned, positive, negative, tuned_positive, tuned_negative, noise, latent_image, sigmas, k, *,
+                sampler_name, cfg_base, cfg_tuned, mask, callback, disable_pbar, seed):
+    """The 'restart' handoff: KSamplerAdvanced(base, 0→k, leftover noise) → KSamplerAdvanced(tuned,
+    k→N, no noise), with one progress count over both."""
+    tp = positive if tuned_positive is None else tuned_positive
+    tn = negative if tuned_negative is None else tuned_negative
+    first = _stage_guider(base, positive, negative, cfg_base).sample(
+        noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas[:k + 1], denoise_mask=mask,
+        callback=callback, disable_pbar=disable_pbar, seed=seed)
+    first = first.to(device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
+
+    def second_callback(step, x0, x, total):
+        if callback is not None:
+            return callback(step + k, x0, x, total + k)
+
+    return _stage_guider(tuned, tp, tn, cfg_tuned).sample(
+        torch.zeros_like(noise), first, comfy.samplers.sampler_object(sampler_name), sigmas[k:], denoise_mask=mask,
+        callback=second_callback, disable_pbar=disable_pbar, seed=seed)
+
+
+def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int, steps: int, sampler_name: str,
+                    scheduler: str, cfg_base: float, cfg_tuned: float, switch_step: int | None = None,
+                    switch_fraction: float | None = None, denoise: float = 1.0, mode: str = "switch",
+                    blend_power: float = 1.0, handoff: str = "continuous", tuned_positive=None, tuned_negative=None,
+                    callback=None, disable_pbar: bool = True) -> dict:
+    """KSampler semantics (same noise, sigmas and sampler) with the base→tuned handoff.
+
+    Returns a new LATENT dict. ``callback(step, x0, x, total_steps)`` is ComfyUI's preview callback.
+    """
+    _check_sample_args(sampler_name, scheduler, mode, handoff, latent)
+    # the switch against the requested step count, before any work
+    k = resolve_switch_step(steps, switch_step, switch_fraction)
     sigmas = ksampler_sigmas(base, steps, sampler_name, scheduler, denoise)
     # k indexes the sampler's sigmas, as KSamplerAdvanced's start/end steps do. Some schedulers
     # (ddim_uniform when steps does not divide 1000) return an extra step; k = steps still means
@@ -513,39 +548,28 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
     n_sched = max(int(sigmas.shape[-1]) - 1, 0)
     if k >= steps:
         k = n_sched
-    guider = CombinedGuider(base, tuned, switch_step=k, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
-                            mode=mode, blend_power=blend_power)
-    guider.set_conds(positive, negative, tuned_positive, tuned_negative)
-
-    latent_image = comfy.sample.fix_empty_latent_channels(base, latent_image, latent.get("downscale_ratio_spacial", None),
+    latent_image = comfy.sample.fix_empty_latent_channels(base, latent["samples"], latent.get("downscale_ratio_spacial", None),
                                                           latent.get("downscale_ratio_temporal", None))
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     out = latent.copy()
     out.pop("downscale_ratio_spacial", None)
     out.pop("downscale_ratio_temporal", None)
-    if sigmas.shape[-1] == 0:  # denoise == 0: nothing to do, as KSampler
-        out["samples"] = latent_image
-        return out
-    mask = latent.get("noise_mask")
-    if handoff == "continuous" or k == 0 or k >= n_sched:
-        samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
-                                denoise_mask=mask, callback=callback, disable_pbar=disable_pbar, seed=seed)
+    kw = dict(callback=callback, disable_pbar=disable_pbar, seed=seed)
+    if handoff == "restart" and 0 < k < n_sched:
+        check_models(base, tuned)
+        _check_conds(positive, negative)
+        samples = _two_passes(base, tuned, positive, negative, tuned_positive, tuned_negative, noise, latent_image,
+                              sigmas, k, sampler_name=sampler_name, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
+                              mask=latent.get("noise_mask"), **kw)
     else:
-        # Two passes, as KSamplerAdvanced(base, 0→k, leftover noise) → KSamplerAdvanced(tuned, k→N, no noise).
-        tp = positive if tuned_positive is None else tuned_positive
-        tn = negative if tuned_negative is None else tuned_negative
-        first = _stage_guider(base, positive, negative, cfg_base).sample(
-            noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas[:k + 1], denoise_mask=mask,
-            callback=callback, disable_pbar=disable_pbar, seed=seed)
-        first = first.to(device=comfy.model_management.intermediate_device(), dtype=comfy.model_management.intermediate_dtype())
-
-        def second_callback(step, x0, x, total):
-            if callback is not None:
-                return callback(step + k, x0, x, total + k)
-
-        samples = _stage_guider(tuned, tp, tn, cfg_tuned).sample(
-            torch.zeros_like(noise), first, comfy.samplers.sampler_object(sampler_name), sigmas[k:], denoise_mask=mask,
-            callback=second_callback, disable_pbar=disable_pbar, seed=seed)
+        guider = CombinedGuider(base, tuned, switch_step=k, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
+                                mode=mode, blend_power=blend_power)
+        guider.set_conds(positive, negative, tuned_positive, tuned_negative)
+        if sigmas.shape[-1] == 0:  # denoise == 0: nothing to do, as KSampler
+            out["samples"] = latent_image
+            return out
+        samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                                denoise_mask=latent.get("noise_mask"), **kw)
     out["samples"] = samples.to(device=comfy.model_management.intermediate_device(),
                                 dtype=comfy.model_management.intermediate_dtype())
     return out

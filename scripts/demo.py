@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import runpy
 import shutil
 import sys
 import time
@@ -36,12 +37,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=128, help="image size in pixels (tiny models: keep it small)")
     args = ap.parse_args()
 
-    pkgs = os.path.join(ROOT, ".rt", "pkgs")
-    os.makedirs(pkgs, exist_ok=True)
-    link = os.path.join(pkgs, "rewardtune")
-    if not os.path.lexists(link):
-        os.symlink(ROOT, link)
-    sys.path.insert(0, pkgs)
+    runpy.run_path(os.path.join(ROOT, "testing", "pack_import.py"))["import_pack"]()  # the pack as ``rewardtune``
     from rewardtune.testing.comfy_host import (ComfyServer, make_custom_nodes_dir, prepare_comfy_import,
                                                write_extra_model_paths)
     from rewardtune.testing.workflow import combined_example_prompt

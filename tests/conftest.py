@@ -10,7 +10,7 @@ Fixtures:
 from __future__ import annotations
 
 import os
-import sys
+import runpy
 import tempfile
 
 import pytest
@@ -18,10 +18,8 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACK_ROOT = os.path.dirname(HERE)
 
-# Make the pack importable as ``rewardtune`` (its install name) for library-level tests.
-_PKGS = tempfile.mkdtemp(prefix="rt-pkgs-")
-os.symlink(PACK_ROOT, os.path.join(_PKGS, "rewardtune"))
-sys.path.insert(0, _PKGS)
+# The pack as ``rewardtune`` (its install name) for library-level tests.
+runpy.run_path(os.path.join(PACK_ROOT, "testing", "pack_import.py"))["import_pack"]()
 
 from rewardtune.testing.comfy_host import (  # noqa: E402
     ComfyServer, InProcessComfy, make_custom_nodes_dir, write_extra_model_paths)
@@ -62,7 +60,6 @@ def pytest_sessionfinish(session, exitstatus):
     """The tiny checkpoints take ~550 MB: don't leave them behind in /tmp."""
     import shutil
     shutil.rmtree(_SESSION_DIR, ignore_errors=True)
-    shutil.rmtree(_PKGS, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ reward models

@@ -155,7 +155,7 @@ def test_traversal_ids_answer_404_on_every_route(restarted):
     for jid in TRAVERSAL_IDS:
         for method, path in (("GET", f"/rewardtune/jobs/{jid}"), ("GET", f"/api/rewardtune/jobs/{jid}"),
                              ("POST", f"/rewardtune/jobs/{jid}/cancel"), ("POST", f"/rewardtune/jobs/{jid}/resume"),
-                             ("POST", f"/api/rewardtune/jobs/{jid}/cancel")):
+                             ("POST", f"/rewardtune/jobs/{jid}/remove"), ("POST", f"/api/rewardtune/jobs/{jid}/cancel")):
             with pytest.raises(urllib.error.HTTPError) as e:
                 srv.get(path) if method == "GET" else srv.post(path, {})
             seen[(method, path)] = e.value.code

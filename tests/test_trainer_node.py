@@ -397,6 +397,83 @@ def test_routes_validate_and_cancel_of_a_finished_job_is_harmless(trainer_server
     assert len(srv.get("/rewardtune/jobs/" + finished[0]["id"] + "?limit=2")["metrics"]) == 2
 
 
+def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, models_tree, reward_tree):
+    """Issue 15: a job stopped by Cancel and resumed through the route (no server restart) trains
+    on to its end, every step logged once. The job keeps a clean copy of the graph it was queued
+    with (ComfyUI's executed prompt carries "is_changed": [NaN]: queued again, the whole graph
+    came from the output cache and the job stayed stopped), and the route queues it through
+    POST /prompt's steps: the trainer node really runs again. Removing the finished job then
+    deletes its folder and keeps the LoRA it published."""
+    srv, n = trainer_server, 8
+    prompt = train_prompt(models_tree, reward_tree, name="resume-route", steps=n, seed=11)
+    before = {j["id"] for j in jobs(srv)}
+    with Events(srv) as ev:
+        assert srv.wait(srv.queue(prompt), timeout=120)["status"]["status_str"] == "success"
+        job_id = only_new_job(srv, before, "resume-route")
+        ev.wait_for(lambda t, d: t == "rewardtune.progress" and d["id"] == job_id and d["step"] >= 2, what="step 2")
+        assert srv.post(f"/rewardtune/jobs/{job_id}/cancel", {})["id"] == job_id
+        saved = wait_job(srv, job_id, ("stopped",), timeout=60)["step"]
+    assert 2 <= saved < n and _checkpoint(srv, job_id)["step"] == saved
+    with open(os.path.join(job_dir(srv, job_id), "job.json"), encoding="utf-8") as f:
+        assert json.load(f)["prompt"] == prompt  # what was queued, nothing the executor added
+
+    with Events(srv) as ev:
+        res = srv.post(f"/rewardtune/jobs/{job_id}/resume", {"client_id": ev.client})
+        assert res["queued"] and res["state"] == "stopped", res
+        entry = srv.wait(res["prompt_id"], timeout=120)
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        ev.node_window(res["prompt_id"], "3")  # the trainer node ran (a cached node sends no 'executing')
+        st = wait_job(srv, job_id, timeout=120)
+        ev.wait_for(lambda t, d: t == "rewardtune.job" and d["id"] == job_id and d["state"] == "finished")
+    assert st["step"] == n
+    assert ev.steps(job_id) == list(range(saved + 1, n + 1)), "the resumed run did not start after the checkpoint"
+    assert [r["step"] for r in metric_rows(srv, job_id)] == list(range(1, n + 1))
+
+    # remove: the folder goes, the published LoRA stays; then the id names no job
+    published = os.path.join(models_tree["root"], "loras", "rewardtune", f"{job_id}.safetensors")
+    assert os.path.exists(published)
+    assert srv.post(f"/rewardtune/jobs/{job_id}/remove", {}) == {"id": job_id, "removed": True}
+    assert not os.path.exists(job_dir(srv, job_id)) and os.path.exists(published)
+    assert job_id not in {j["id"] for j in jobs(srv)}
+    for method, path in (("GET", f"/rewardtune/jobs/{job_id}"), ("POST", f"/rewardtune/jobs/{job_id}/remove")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            srv.get(path) if method == "GET" else srv.post(path, {})
+        assert e.value.code == 404, (method, path)
+
+
+def test_remove_route_refuses_running_and_queued_jobs(trainer_server, models_tree, reward_tree):
+    """A running or queued job is never removed (409, its folder untouched); once stopped it is."""
+    srv = trainer_server
+    before = {j["id"] for j in jobs(srv)}
+    ids = []
+    try:
+        for k, name in enumerate(("rm-running", "rm-queued")):
+            entry = srv.wait(srv.queue(train_prompt(models_tree, reward_tree, name=name, steps=10_000, seed=20 + k)),
+                             timeout=120)
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            ids.append(only_new_job(srv, before, name))
+        running, queued = ids
+        wait_job(srv, running, ("running",), timeout=60)
+        assert srv.get(f"/rewardtune/jobs/{queued}")["job"]["state"] == "queued"
+        for job_id, state in ((running, "running"), (queued, "queued")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                srv.post(f"/rewardtune/jobs/{job_id}/remove", {})
+            assert e.value.code == 409, job_id
+            text = e.value.read().decode()
+            assert f"job {job_id} is {state}" in text and "cancel it" in text, text
+            assert os.path.isfile(os.path.join(job_dir(srv, job_id), "job.json"))
+            assert srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"] == state
+    finally:
+        for job_id in ids:
+            srv.post(f"/rewardtune/jobs/{job_id}/cancel", {})
+    for job_id in ids:
+        wait_job(srv, job_id, ("stopped",), timeout=60)
+        assert srv.post(f"/rewardtune/jobs/{job_id}/remove", {})["removed"]
+        assert not os.path.exists(job_dir(srv, job_id))
+    assert not {j["id"] for j in jobs(srv)} & set(ids)
+    assert not [f for f in os.listdir(os.path.dirname(job_dir(srv, ids[0]))) if f.startswith(".removed-")]
+
+
 def test_two_jobs_queue_and_neither_corrupts_the_other(trainer_server, models_tree, reward_tree):
     """The second job is queued while the first trains and takes its first step only after the
     first has ended (read from the order of the server's events, whatever the timing)."""

@@ -1,6 +1,8 @@
-"""The glue between the trainer nodes, the job manager and the engine: what a job needs from the
-graph's live objects, how it trains on ComfyUI's models from a worker thread, and how a LoRA
-comes back into the graph as a MODEL."""
+"""Training jobs inside a running ComfyUI: the glue between the trainer nodes, the job manager and
+the engine. What a job needs from the graph's live objects (``build_spec``), how it trains on
+ComfyUI's models from a worker thread (``own_interrupts``, ``make_trainable``, ``private_copy``),
+how a *wait* node follows it (``wait``), and how its LoRA comes back into the graph as a MODEL
+(``tuned_model``)."""
 from __future__ import annotations
 
 import contextlib
@@ -124,22 +126,21 @@ def lora_from_checkpoint(job: Job) -> tuple[dict, int]:
     return {k: v.clone() for k, v in state["lora"].items()}, int(state["step"])
 
 
-def apply_lora(model, lora_sd: dict, strength: float = 1.0):
-    """The LoRA on a clone of ``model`` as weight patches, exactly what LoraLoader does (so the
-    Combined KSampler can use base and tuned side by side)."""
-    tuned, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0.0)
-    return tuned
+def tuned_model(job: Job, model, strength: float = 1.0):
+    """(``model`` with the job's newest LoRA, that LoRA's name in the loras folder, its step).
 
-
-def publish_lora(job: Job, lora_sd: dict, tag: str = "") -> str:
-    """Write the LoRA into models/loras/rewardtune/ (atomically) and return its LoraLoader name."""
-    import safetensors.torch
-    from ..trainers.atomic import atomic_write
+    The LoRA is applied to a clone of ``model`` as weight patches, exactly what LoraLoader does
+    (so the Combined KSampler can use base and tuned side by side). A finished job's LoRA is the
+    one the manager published when it finished; a mid-training checkpoint's is published now as
+    ``<job id>-latest``, so LoraLoader can load the same weights."""
+    lora_sd, step = lora_from_checkpoint(job)
     manager = get_manager()
-    file = f"{job.id}{tag}.safetensors"
-    atomic_write(os.path.join(manager.lora_dir, file),
-                 lambda tmp: safetensors.torch.save_file({k: v.contiguous() for k, v in lora_sd.items()}, tmp))
-    return f"rewardtune/{file}"
+    if job.state == "finished" and step >= job.config.steps:
+        name = manager.lora_name(job)
+    else:
+        name = manager.publish(job, latest_lora=lora_sd)
+    tuned, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, strength, 0.0)
+    return tuned, name, step
 
 
 def wait(job: Job, progress=None, poll: float = 0.1) -> None:

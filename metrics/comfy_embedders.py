@@ -9,7 +9,7 @@ import comfy.model_patcher
 import folder_paths
 
 from ..rewards.checkpoint import RewardModelError
-from ..rewards.in_comfy import managed, progress_hook, register_model_folder
+from ..rewards.comfy_rewards import managed, progress_hook, register_model_folder
 from .embedders import Embedder, PixelEmbedder, load_embedder
 
 FOLDER = "diversity_models"
