@@ -68,7 +68,7 @@ def wait_app(page, timeout_ms: int = 120_000) -> None:
                            "&& document.querySelector('.side-tool-bar-container')", timeout=timeout_ms)
 
 
-def node_clip(page, node_id, pad: int = 12) -> dict:
+def node_clip(page, node_id, pad: int = 24) -> dict:
     """The screen rectangle of a graph node (title bar included), for a screenshot clip."""
     box = page.evaluate("""([id, pad]) => {
         const node = app.graph.getNodeById(id), ds = app.canvas.ds, rect = app.canvas.canvas.getBoundingClientRect();
