@@ -25,6 +25,17 @@ if ! command -v node >/dev/null 2>&1; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nodejs >/dev/null
 fi
 . "$ROOT/.rt/env.sh"
+# tests/test_browser.py drives Debian's Chromium with Playwright for Python (Playwright cannot
+# download its own browser here; the system one is launched). ~1 min when both are missing.
+if ! command -v chromium >/dev/null 2>&1 && [ -z "${RT_CHROMIUM:-}" ]; then
+  echo "[test] installing Chromium (apt-get install chromium) for the browser tests" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+if ! "$RT_VENV/bin/python" -c "import playwright" >/dev/null 2>&1; then
+  echo "[test] installing Playwright for Python into $RT_VENV for the browser tests" >&2
+  "$RT_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "playwright==1.65.2"
+fi
 cd "$ROOT"
 set +e
 "$RT_VENV/bin/python" -m pytest "$@"

@@ -14,4 +14,4 @@ def test_panel_tests_pass_in_node():
     proc = subprocess.run([node, "--test", os.path.join(PACK_ROOT, "tests", "web")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "# pass 7" in proc.stdout and "# fail 0" in proc.stdout
+    assert "# pass 10" in proc.stdout and "# fail 0" in proc.stdout

@@ -1,27 +1,45 @@
 // RewardTune front-end extension: the pack's nodes in one recognisable colour, and a sidebar tab
-// listing training jobs with live reward curves, Cancel and Resume (web/rewardtune_panel.js).
+// listing training jobs with live reward curves, Cancel, Resume and Remove (web/rewardtune_panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { JobsPanel, PANEL_CSS } from "./rewardtune_panel.js";
 
 const RT_PREFIX = "RewardTune";
-const RT_COLOR = "#2a3f5a";
-const RT_BGCOLOR = "#1c2a3c";
+export const RT_COLOR = "#2a3f5a";
+export const RT_BGCOLOR = "#1c2a3c";
 
-const panel = new JobsPanel(api);
+// The frontend's own dialogs and toasts when it has them (ComfyUI frontend ≥ 1.x), else the browser's.
+const ui = {
+  async confirm(title, message) {
+    const dialog = app.extensionManager?.dialog;
+    if (dialog?.confirm) return (await dialog.confirm({ title, message, type: "delete" })) === true;
+    return window.confirm(`${title}\n\n${message}`);
+  },
+  toast(severity, summary, detail) {
+    const toast = app.extensionManager?.toast;
+    if (toast?.add) toast.add({ severity, summary, detail, life: severity === "error" ? 8000 : 3000 });
+    else if (severity === "error") console.warn(`RewardTune: ${summary}: ${detail}`);
+  },
+};
+
+const panel = new JobsPanel(api, ui);
 
 app.registerExtension({
   name: "rewardtune.core",
   async setup() {
     const style = document.createElement("style");
+    style.id = "rewardtune-panel-css";
     style.textContent = PANEL_CSS;
     document.head.appendChild(style);
-    api.addEventListener("rewardtune.progress", (e) => panel.onProgress(e.detail));
-    api.addEventListener("rewardtune.job", (e) => panel.onJob(e.detail));
+    api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.detail));
+    api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
+    // events sent while the socket was down are lost: read the list again
+    api.addEventListener("reconnected", () => panel.refresh());
     app.extensionManager?.registerSidebarTab?.({
-      id: "rewardtune.jobs",
+      id: "rewardtune-jobs",
       icon: "pi pi-chart-line",
       title: "RewardTune",
+      label: "Training", // the label under the icon: one short word, or it wraps mid-word
       tooltip: "RewardTune training jobs",
       type: "custom",
       render: (el) => panel.mount(el),
