@@ -156,8 +156,8 @@ def run_workflow(srv, info, server_dir, name, replace, out_dir) -> int:
 
 
 def run_training(srv, info, server_dir, ckpt_name, reward_name, out_dir) -> int:
-    """train_imagerefl_then_combined.json: ImageReFL on a small generated folder in the input
-    directory, then base → freshly tuned with the Combined KSampler."""
+    """The ImageReFL template (5 Train ImageReFL LoRA, then combined generation): ImageReFL on a small
+    generated folder in the input directory, then base → freshly tuned with the Combined KSampler."""
     from rewardtune.testing.workflow import EXAMPLES, train_example_prompt, write_tiny_dataset
     write_tiny_dataset(os.path.join(server_dir, "input", "rewardtune_demo_dataset"))
     prompt = train_example_prompt(info, ckpt_name, reward_name, "rewardtune_demo_dataset",

@@ -268,8 +268,9 @@ def train_example_prompt(object_info: dict, ckpt_name: str, reward_name: str, da
 # ------------------------------------------------------------------ layout (what the frontend draws)
 # LiteGraph in comfyui-frontend-package 1.47: the title bar (30 px) is above the node's `size`; a
 # node is max(sockets without a widget, outputs) × 20 px of slots, then each visible widget
-# (20 px + 4 gap), then 8 + 6 px; the frontend grows a node that is smaller than that, over
-# whatever lies below it. A multiline text box is a DOM widget (estimated at 60 px here).
+# (20 px + 4 gap) and 8 px, then 6 px; the frontend grows a node that is smaller than that, over
+# whatever lies below it (ComfyUI's own KSampler: 4 × 20 + 7 × 24 + 8 + 6 = 262 px). A multiline
+# text box is a DOM widget (estimated at 60 px here).
 TITLE_HEIGHT = 30
 SLOT_HEIGHT = 20
 WIDGET_HEIGHT = 20
@@ -309,10 +310,10 @@ def min_node_size(node: dict, info: dict) -> tuple[float, float]:
     sockets = [n for n, spec in widget_inputs(info) if not is_widget(spec)]
     rows = max(len(sockets), len(info.get("output", [])), 1)
     widgets = node_widgets(node, info)
-    height = rows * SLOT_HEIGHT + 14
+    height = rows * SLOT_HEIGHT + 6
     if widgets:
-        height += sum((MULTILINE_HEIGHT if _opts(spec).get("multiline") else WIDGET_HEIGHT) + WIDGET_GAP
-                      for _, spec in widgets)
+        height += 8 + sum((MULTILINE_HEIGHT if _opts(spec).get("multiline") else WIDGET_HEIGHT) + WIDGET_GAP
+                          for _, spec in widgets)
     title = node.get("title") or info.get("display_name") or node["type"]
     builtin = info.get("python_module", "nodes").split(".")[0] in ("nodes", "comfy_extras", "comfy_api_nodes")
     badge = 0 if builtin else SOURCE_BADGE_WIDTH
