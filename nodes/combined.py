@@ -10,28 +10,35 @@ from ..sampling.combined import HANDOFFS, SWITCH_MODES, CombinedGuider, combined
 
 CATEGORY = "RewardTune/sampling"
 
-SWITCH_UNITS = ("step", "fraction")
-
-
 def _switch_inputs():
+    """The handoff point, CFG per stage and the mode. switch_unit and mode are DynamicCombos: the
+    node shows switch_step or switch_fraction (whichever the unit says) and blend_power only in
+    blend mode. ComfyUI passes each as a dict: {"switch_unit": "step", "switch_step": 30},
+    {"mode": "blend", "blend_power": 1.0}."""
     return [
-        io.Combo.Input("switch_unit", options=list(SWITCH_UNITS), default="step",
-                       tooltip="How the handoff point is given: 'step' uses switch_step, 'fraction' uses switch_fraction."),
-        io.Int.Input("switch_step", default=30, min=0, max=10000,
-                     tooltip="k: the base model runs steps [0, k), the tuned model steps [k, N). 0 = tuned only, "
-                             "N = base only. ImageReFL: 30 of 40 for SD1.5, 35 of 40 for SDXL."),
-        io.Float.Input("switch_fraction", default=0.75, min=0.0, max=1.0, step=0.005,
-                       tooltip="k as a fraction of the steps, rounded to the nearest step with halves rounded up (0.5 of 9 steps "
-                               "→ k = 5); used when switch_unit is 'fraction'."),
+        io.DynamicCombo.Input("switch_unit", tooltip="How the handoff point k is given: 'step' (switch_step) or "
+                                                     "'fraction' of the steps (switch_fraction).", options=[
+            io.DynamicCombo.Option("step", [
+                io.Int.Input("switch_step", default=30, min=0, max=10000,
+                             tooltip="k: the base model runs steps [0, k), the tuned model steps [k, N). 0 = tuned "
+                                     "only, N = base only. ImageReFL: 30 of 40 for SD1.5, 35 of 40 for SDXL.")]),
+            io.DynamicCombo.Option("fraction", [
+                io.Float.Input("switch_fraction", default=0.75, min=0.0, max=1.0, step=0.005,
+                               tooltip="k as a fraction of the steps, rounded to the nearest step with halves rounded "
+                                       "up (0.5 of 9 steps → k = 5). ImageReFL: 0.75 (SD1.5), 0.875 (SDXL).")]),
+        ]),
         io.Float.Input("cfg_base", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="CFG scale of the base stage (ImageReFL: 7.5 for SD1.5, 5.0 for SDXL)."),
         io.Float.Input("cfg_tuned", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="CFG scale of the tuned stage. ImageReFL ran it without CFG (1.0, which also halves its cost)."),
-        io.Combo.Input("mode", options=list(SWITCH_MODES), default="switch",
-                       tooltip="'switch': hard handoff at k (ImageReFL combined generation). 'blend': the paper's "
-                               "'ReFL AIG' baseline, x0 = γ_i·base + (1−γ_i)·tuned every step, γ_i = 1 − (i/N)^p; ignores the switch."),
-        io.Float.Input("blend_power", default=1.0, min=0.01, max=100.0, step=0.01, advanced=True,
-                       tooltip="p in γ_i = 1 − (i/N)^p for the 'blend' mode."),
+        io.DynamicCombo.Input("mode", tooltip="'switch': hard handoff at k (ImageReFL combined generation). 'blend': "
+                                              "the paper's 'ReFL AIG' baseline, x0 = γ_i·base + (1−γ_i)·tuned every "
+                                              "step, γ_i = 1 − (i/N)^p; ignores the switch point.", options=[
+            io.DynamicCombo.Option(name, [
+                io.Float.Input("blend_power", default=1.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="p in γ_i = 1 − (i/N)^p: the base model's weight falls from 1 at the first "
+                                       "step to 0 at the last; p > 1 keeps the base longer.")] if name == "blend" else [])
+            for name in SWITCH_MODES]),
     ]
 
 
@@ -51,10 +58,12 @@ def _optional_tuned_conds():
     ]
 
 
-def _switch_args(switch_unit, switch_step, switch_fraction):
-    if switch_unit == "fraction":
-        return {"switch_step": None, "switch_fraction": switch_fraction}
-    return {"switch_step": switch_step, "switch_fraction": None}
+def _switch_args(switch_unit: dict, mode: dict) -> dict:
+    """The library's keyword arguments from the two DynamicCombo values."""
+    unit = switch_unit["switch_unit"]
+    return {"switch_step": switch_unit["switch_step"] if unit == "step" else None,
+            "switch_fraction": switch_unit["switch_fraction"] if unit == "fraction" else None,
+            "mode": mode["mode"], "blend_power": mode.get("blend_power", 1.0)}
 
 
 class CombinedKSampler(io.ComfyNode):
@@ -94,16 +103,15 @@ class CombinedKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, tuned_model, positive, negative, latent_image, seed, steps, switch_unit, switch_step,
-                switch_fraction, cfg_base, cfg_tuned, mode, blend_power, sampler_name, scheduler, handoff, denoise,
-                tuned_positive=None, tuned_negative=None) -> io.NodeOutput:
+    def execute(cls, base_model, tuned_model, positive, negative, latent_image, seed, steps, switch_unit, cfg_base,
+                cfg_tuned, mode, sampler_name, scheduler, handoff, denoise, tuned_positive=None,
+                tuned_negative=None) -> io.NodeOutput:
         callback = latent_preview.prepare_callback(base_model, steps)
         out = combined_sample(
             base_model, tuned_model, positive, negative, latent_image, seed=seed, steps=steps,
             sampler_name=sampler_name, scheduler=scheduler, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
-            denoise=denoise, mode=mode, blend_power=blend_power, handoff=handoff, tuned_positive=tuned_positive,
-            tuned_negative=tuned_negative, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-            **_switch_args(switch_unit, switch_step, switch_fraction))
+            denoise=denoise, handoff=handoff, tuned_positive=tuned_positive, tuned_negative=tuned_negative,
+            callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, **_switch_args(switch_unit, mode))
         return io.NodeOutput(out)
 
 
@@ -128,10 +136,10 @@ class CombinedGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, tuned_model, positive, negative, switch_unit, switch_step, switch_fraction,
-                cfg_base, cfg_tuned, mode, blend_power, tuned_positive=None, tuned_negative=None) -> io.NodeOutput:
-        guider = CombinedGuider(base_model, tuned_model, cfg_base=cfg_base, cfg_tuned=cfg_tuned, mode=mode,
-                                blend_power=blend_power, **_switch_args(switch_unit, switch_step, switch_fraction))
+    def execute(cls, base_model, tuned_model, positive, negative, switch_unit, cfg_base, cfg_tuned, mode,
+                tuned_positive=None, tuned_negative=None) -> io.NodeOutput:
+        guider = CombinedGuider(base_model, tuned_model, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
+                                **_switch_args(switch_unit, mode))
         guider.set_conds(positive, negative, tuned_positive, tuned_negative)
         return io.NodeOutput(guider)
 

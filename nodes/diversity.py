@@ -93,7 +93,10 @@ class QualityDiversitySweep(io.ComfyNode):
                     io.Int.Input("images_per_prompt", default=4, min=2, max=64,
                                  tooltip="Seeds per prompt (ImageReFL: 5); diversity is measured within a prompt."),
                     io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff,
-                                 tooltip="The same noise is used for every point, so points differ only by the handoff."),
+                                 control_after_generate=io.ControlAfterGenerate.fixed,
+                                 tooltip="The same noise is used for every point, so points differ only by the handoff. "
+                                         "Kept fixed after a run by default (a sweep is costly; set the control "
+                                         "below to randomize for new seeds)."),
                     io.Int.Input("steps", default=40, min=1, max=10000, tooltip="Sampling steps N (ImageReFL: 40)."),
                     io.String.Input("switch_steps", default="0, 20, 25, 30, 35, 40",
                                     tooltip="Comma-separated switch steps k (0 = tuned only, N = base only); ImageReFL's sweep."),

@@ -3,15 +3,16 @@
 1. writes tiny random-weight models (a detectable SD1.5 checkpoint with CLIP-L and a TAESD VAE,
    and a LoRA standing in for the reward-tuned model) into a models tree,
 2. starts ``ComfyUI/main.py --cpu`` on 127.0.0.1 with this pack in its custom nodes,
-3. loads ``example_workflows/combined_generation.json`` (the UI workflow users open), converts it
+3. loads ``example_workflows/1 Combined generation (base then tuned model).json`` (the UI workflow
+   users open, Templates → RewardTune), converts it
    with the server's /object_info, swaps in the tiny model names (and a small size/step count),
 4. queues it over HTTP, waits for /history, and writes the images plus a base | combined | tuned
    strip to the output folder,
-5. runs ``example_workflows/best_of_n.json`` the same way with a tiny random reward model in the
+5. runs ``2 Best-of-N with a reward model.json`` the same way with a tiny random reward model in the
    official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output),
-6. runs ``example_workflows/quality_diversity_sweep.json``: reward vs diversity for k = 0, 4, 6, 8
+6. runs ``3 Quality-diversity sweep (trade-off plot).json``: reward vs diversity for k = 0, 4, 6, 8
    of 8 steps (``quality_diversity/`` in the output: the plot),
-7. runs ``example_workflows/train_imagerefl_then_combined.json``: a Train Reward LoRA job (ImageReFL,
+7. runs ``5 Train ImageReFL LoRA, then combined generation.json``: a Train Reward LoRA job (ImageReFL,
    8 steps on 4 generated captioned images) then the Combined KSampler base → freshly tuned
    (``training/`` in the output: the two images and the reward curve).
 """
@@ -37,27 +38,11 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=128, help="image size in pixels (tiny models: keep it small)")
     args = ap.parse_args()
 
-    runpy.run_path(os.path.join(ROOT, "testing", "pack_import.py"))["import_pack"]()  # the pack as ``rewardtune``
-    from rewardtune.testing.comfy_host import (ComfyServer, make_custom_nodes_dir, prepare_comfy_import,
-                                               write_extra_model_paths)
-    from rewardtune.testing.workflow import combined_example_prompt
-
+    models = tiny_models()
+    from rewardtune.testing.comfy_host import ComfyServer
+    from rewardtune.testing.workflow import EXAMPLES, combined_example_prompt
+    ckpt, lora, reward, emp = models["ckpt"], models["lora"], models["reward"], models["yaml"]
     work = os.path.join(ROOT, ".rt", "demo")
-    models = os.path.join(work, "models")
-    os.makedirs(work, exist_ok=True)
-    ckpt = os.path.join(models, "checkpoints", "rt_demo_sd15.safetensors")
-    lora = os.path.join(models, "loras", "rt_demo_tuned_lora.safetensors")
-    emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
-                                  custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
-    reward = os.path.join(models, "reward_models", "rt_demo_HPS_v2.1_tiny.pt")
-    if not (os.path.exists(ckpt) and os.path.exists(lora) and os.path.exists(reward)):
-        print("[demo] writing tiny random-weight models …", flush=True)
-        prepare_comfy_import(cpu=True)
-        from rewardtune.testing import reward_fixtures as rf
-        from rewardtune.testing import tiny_models as tm
-        tm.write_sd15_checkpoint(ckpt, seed=0)
-        tm.write_sd15_lora(lora, seed=3, scale=0.5)
-        rf.write_hpsv2(reward, seed=0)
 
     server_dir = os.path.join(work, "server")
     shutil.rmtree(server_dir, ignore_errors=True)
@@ -69,7 +54,7 @@ def main() -> int:
         if missing:
             print(f"[demo] the pack did not load: {missing} missing from /object_info\n{srv.log_tail()}")
             return 1
-        prompt = combined_example_prompt(info, os.path.basename(ckpt), os.path.basename(lora),
+        prompt = combined_example_prompt(info, ckpt, lora,
                                          steps=args.steps, switch=args.switch, size=args.size)
         t0 = time.time()
         pid = srv.queue(prompt)
@@ -88,20 +73,20 @@ def main() -> int:
                 dst = os.path.join(out_dir, img["filename"])
                 shutil.copyfile(src, dst)
                 rows.setdefault(label, []).append(dst)
-        if run_best_of_n(srv, info, server_dir, os.path.basename(ckpt), os.path.basename(reward),
+        if run_best_of_n(srv, info, server_dir, ckpt, reward,
                          os.path.join(out_dir, "best_of_n"), args.size) != 0:
             return 1
-        if run_workflow(srv, info, server_dir, "quality_diversity_sweep.json", {
-                ("CheckpointLoaderSimple", "ckpt_name"): os.path.basename(ckpt),
-                ("LoraLoader", "lora_name"): os.path.basename(lora),
-                ("RewardTuneLoadRewardModel", "reward_model"): os.path.basename(reward),
+        if run_workflow(srv, info, server_dir, EXAMPLES["sweep"], {
+                ("CheckpointLoaderSimple", "ckpt_name"): ckpt,
+                ("LoraLoader", "lora_name"): lora,
+                ("RewardTuneLoadRewardModel", "reward_model"): reward,
                 ("RewardTuneQualityDiversitySweep", "steps"): 8,
                 ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 4, 6, 8",
                 ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 3,
                 ("RewardTuneQualityDiversitySweep", "width"): 64,
                 ("RewardTuneQualityDiversitySweep", "height"): 64}, os.path.join(out_dir, "quality_diversity")) != 0:
             return 1
-        if run_training(srv, info, server_dir, os.path.basename(ckpt), os.path.basename(reward),
+        if run_training(srv, info, server_dir, ckpt, reward,
                         os.path.join(out_dir, "training")) != 0:
             return 1
     from PIL import Image, ImageDraw
@@ -125,8 +110,35 @@ def main() -> int:
     return 0
 
 
+def tiny_models() -> dict:
+    """The demo's tiny random-weight models (written once into .rt/demo/models) and the
+    extra_model_paths.yaml that points a ComfyUI server at them and at this pack: file names
+    ``ckpt``, ``lora``, ``reward`` and the path ``yaml``."""
+    runpy.run_path(os.path.join(ROOT, "testing", "pack_import.py"))["import_pack"]()  # the pack as ``rewardtune``
+    from rewardtune.testing.comfy_host import make_custom_nodes_dir, prepare_comfy_import, write_extra_model_paths
+    work = os.path.join(ROOT, ".rt", "demo")
+    models = os.path.join(work, "models")
+    os.makedirs(work, exist_ok=True)
+    ckpt = os.path.join(models, "checkpoints", "rt_demo_sd15.safetensors")
+    lora = os.path.join(models, "loras", "rt_demo_tuned_lora.safetensors")
+    emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
+                                  custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
+    reward = os.path.join(models, "reward_models", "rt_demo_HPS_v2.1_tiny.pt")
+    if not (os.path.exists(ckpt) and os.path.exists(lora) and os.path.exists(reward)):
+        print("[demo] writing tiny random-weight models …", flush=True)
+        prepare_comfy_import(cpu=True)
+        from rewardtune.testing import reward_fixtures as rf
+        from rewardtune.testing import tiny_models as tm
+        tm.write_sd15_checkpoint(ckpt, seed=0)
+        tm.write_sd15_lora(lora, seed=3, scale=0.5)
+        rf.write_hpsv2(reward, seed=0)
+    return {"ckpt": os.path.basename(ckpt), "lora": os.path.basename(lora), "reward": os.path.basename(reward),
+            "yaml": emp}
+
+
 def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) -> int:
-    return run_workflow(srv, info, server_dir, "best_of_n.json", {
+    from rewardtune.testing.workflow import EXAMPLES
+    return run_workflow(srv, info, server_dir, EXAMPLES["best_of_n"], {
         ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name,
         ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
         ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("KSampler", "steps"): 20}, out_dir)
@@ -134,20 +146,18 @@ def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) 
 
 def run_workflow(srv, info, server_dir, name, replace, out_dir) -> int:
     """Queue a shipped example workflow (with tiny-model names swapped in), copy its images."""
-    from rewardtune.testing.workflow import ui_to_api
-    with open(os.path.join(ROOT, "example_workflows", name), encoding="utf-8") as f:
-        workflow = json.load(f)
-    return run_prompt(srv, server_dir, name, ui_to_api(workflow, info, replace), out_dir)
+    from rewardtune.testing.workflow import load_example, ui_to_api
+    return run_prompt(srv, server_dir, name, ui_to_api(load_example(name), info, replace), out_dir)
 
 
 def run_training(srv, info, server_dir, ckpt_name, reward_name, out_dir) -> int:
-    """train_imagerefl_then_combined.json: ImageReFL on a small generated folder in the input
-    directory, then base → freshly tuned with the Combined KSampler."""
-    from rewardtune.testing.workflow import train_example_prompt, write_tiny_dataset
+    """The ImageReFL template (5 Train ImageReFL LoRA, then combined generation): ImageReFL on a small
+    generated folder in the input directory, then base → freshly tuned with the Combined KSampler."""
+    from rewardtune.testing.workflow import EXAMPLES, train_example_prompt, write_tiny_dataset
     write_tiny_dataset(os.path.join(server_dir, "input", "rewardtune_demo_dataset"))
     prompt = train_example_prompt(info, ckpt_name, reward_name, "rewardtune_demo_dataset",
                                   job_name="demo-imagerefl", train_steps=8)
-    return run_prompt(srv, server_dir, "train_imagerefl_then_combined.json", prompt, out_dir)
+    return run_prompt(srv, server_dir, EXAMPLES["train_imagerefl"], prompt, out_dir)
 
 
 def run_prompt(srv, server_dir, name, prompt, out_dir) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rewardtune.testing.workflow import combined_switch_inputs
+
 N = 4  # steps in the bulk sweeps: every k in 0..N
 
 
@@ -43,10 +45,11 @@ def chain(env, base, tuned, sampler, k, steps=N, cfg_base=4.0, cfg_tuned=4.0, se
 
 def combined(env, base, tuned, sampler, k, steps=N, cfg_base=4.0, cfg_tuned=4.0, seed=11, scheduler="normal", **kw):
     node = env["nodes"]["RewardTuneCombinedKSampler"]
+    switch = {k2: kw.pop(k2) for k2 in ("switch_unit", "switch_fraction", "mode", "blend_power") if k2 in kw}
     args = dict(base_model=base, tuned_model=tuned, positive=env["pos"], negative=env["neg"], latent_image=env["latent"],
-                seed=seed, steps=steps, switch_unit="step", switch_step=k, switch_fraction=0.0, cfg_base=cfg_base,
-                cfg_tuned=cfg_tuned, mode="switch", blend_power=1.0, sampler_name=sampler, scheduler=scheduler,
-                handoff="continuous", denoise=1.0)
+                seed=seed, steps=steps, cfg_base=cfg_base, cfg_tuned=cfg_tuned, sampler_name=sampler,
+                scheduler=scheduler, handoff="continuous", denoise=1.0,
+                **combined_switch_inputs(switch_step=k, **switch, api=False))
     args.update(kw)
     return node.execute(**args).args[0]["samples"]
 
@@ -185,8 +188,8 @@ def test_blend_first_step_is_pure_base_prediction(env):
 def test_guider_for_sampler_custom_advanced(env):
     nodes = env["nodes"]
     guider = nodes["RewardTuneCombinedGuider"].execute(
-        base_model=env["base"], tuned_model=env["lora"], positive=env["pos"], negative=env["neg"], switch_unit="step",
-        switch_step=2, switch_fraction=0.0, cfg_base=4.0, cfg_tuned=4.0, mode="switch", blend_power=1.0).args[0]
+        base_model=env["base"], tuned_model=env["lora"], positive=env["pos"], negative=env["neg"], cfg_base=4.0,
+        cfg_tuned=4.0, **combined_switch_inputs(switch_step=2, api=False)).args[0]
     noise = nodes["RandomNoise"].execute(noise_seed=11).args[0]
     sampler = nodes["KSamplerSelect"].execute(sampler_name="euler").args[0]
     sigmas = nodes["BasicScheduler"].execute(model=env["base"], scheduler="normal", steps=N, denoise=1.0).args[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rewardtune.testing.workflow import ui_to_api
+from rewardtune.testing.workflow import EXAMPLES, combined_switch_inputs, load_example, ui_to_api
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_IDS = ("RewardTuneLoadDiversityEmbedder", "RewardTuneDiversityScore", "RewardTuneQualityDiversitySweep")
@@ -84,8 +84,8 @@ def test_sweep_row_equals_the_nodes_chained(host, models_tree, reward_tree):
             "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
             "7": {"class_type": "RewardTuneCombinedKSampler",
                   "inputs": {"base_model": ["1", 0], "tuned_model": ["2", 0], "positive": ["4", 0], "negative": ["5", 0],
-                             "latent_image": ["6", 0], "seed": 3, "steps": 4, "switch_unit": "step", "switch_step": k,
-                             "switch_fraction": 0.5, "cfg_base": 5.0, "cfg_tuned": 1.0, "mode": mode, "blend_power": power,
+                             "latent_image": ["6", 0], "seed": 3, "steps": 4, "cfg_base": 5.0, "cfg_tuned": 1.0,
+                             **combined_switch_inputs(switch_step=k, mode=mode, blend_power=power),
                              "sampler_name": "euler", "scheduler": "normal", "handoff": "continuous", "denoise": 1.0}},
             "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
             "9": {"class_type": "RewardTuneScoreImages",
@@ -145,8 +145,7 @@ def test_example_workflows_run_over_http(reward_tree, server, models_tree):
     info = server.get("/object_info")
     for name in NODE_IDS:
         assert name in info, server.log_tail()
-    with open(os.path.join(PACK_ROOT, "example_workflows", "quality_diversity_sweep.json"), encoding="utf-8") as f:
-        sweep = ui_to_api(json.load(f), info, {
+    sweep = ui_to_api(load_example(EXAMPLES["sweep"]), info, {
             ("CheckpointLoaderSimple", "ckpt_name"): models_tree["sd15"], ("LoraLoader", "lora_name"): models_tree["lora"],
             ("RewardTuneLoadRewardModel", "reward_model"): reward_tree["files"]["pickscore"],
             ("RewardTuneQualityDiversitySweep", "steps"): 4, ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 2, 4",
@@ -155,8 +154,7 @@ def test_example_workflows_run_over_http(reward_tree, server, models_tree):
     entry = server.wait(server.queue(sweep))
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert any(o.get("images") for o in entry["outputs"].values())
-    with open(os.path.join(PACK_ROOT, "example_workflows", "diversity_score.json"), encoding="utf-8") as f:
-        div = ui_to_api(json.load(f), info, {
+    div = ui_to_api(load_example(EXAMPLES["diversity"]), info, {
             ("CheckpointLoaderSimple", "ckpt_name"): models_tree["sd15"],
             ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 3})
     entry = server.wait(server.queue(div))

@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+from rewardtune.testing.workflow import combined_switch_inputs
+
 
 def raises_named(name, match):
     """The node's module is ComfyUI's copy of the pack (loaded under its path): compare the class by name."""
@@ -102,8 +104,9 @@ def combined(env, base, tuned, sampler, k, cfg_base=3.0, cfg_tuned=1.0, steps=ST
              unit="step", fraction=0.0, positive=None, tuned_positive=None):
     return env["nodes"]["RewardTuneCombinedKSampler"].execute(
         base_model=base, tuned_model=tuned, positive=positive or env["pos"], negative=env["neg"],
-        latent_image=env["latent"], seed=seed, steps=steps, switch_unit=unit, switch_step=k, switch_fraction=fraction,
-        cfg_base=cfg_base, cfg_tuned=cfg_tuned, mode="switch", blend_power=1.0, sampler_name=sampler,
+        latent_image=env["latent"], seed=seed, steps=steps,
+        **combined_switch_inputs(switch_unit=unit, switch_step=k, switch_fraction=fraction, api=False),
+        cfg_base=cfg_base, cfg_tuned=cfg_tuned, sampler_name=sampler,
         scheduler=SCHEDULER, handoff=handoff, denoise=1.0, tuned_positive=tuned_positive).args[0]["samples"]
 
 
@@ -364,8 +367,8 @@ def test_flux_dev_base_with_schnell_tuned(host, flow_tree):
     record("Flux dev → schnell vs SplitSigmas reference", d)
     assert d <= 1e-5, d
     guider = env["nodes"]["RewardTuneCombinedGuider"].execute(
-        base_model=env["base"], tuned_model=schnell, positive=env["pos"], negative=env["neg"], switch_unit="step",
-        switch_step=K, switch_fraction=0.0, cfg_base=1.0, cfg_tuned=1.0, mode="switch", blend_power=1.0).args[0]
+        base_model=env["base"], tuned_model=schnell, positive=env["pos"], negative=env["neg"],
+        **combined_switch_inputs(switch_step=K, api=False), cfg_base=1.0, cfg_tuned=1.0).args[0]
     latent = env["latent"]["samples"]
     g_out = guider.sample(comfy.sample.prepare_noise(latent, 5), latent, comfy.samplers.sampler_object("euler"),
                           ksampler_sigmas(env["base"], STEPS, "euler", SCHEDULER), seed=5, disable_pbar=True).float().cpu()

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from rewardtune.testing.workflow import combined_switch_inputs
+
 
 def sd15_prompt(models, sampler="euler", steps=6, seed=3, width=64, height=64, batch=2):
     return {
@@ -27,9 +29,8 @@ def sd15_prompt(models, sampler="euler", steps=6, seed=3, width=64, height=64, b
 def add_combined(p, k, sampler="euler", steps=6, seed=3, cfg_tuned=1.0, name="combined", base=("ckpt", 0), tuned=("lora", 0)):
     p[name] = {"class_type": "RewardTuneCombinedKSampler", "inputs": {
         "base_model": list(base), "tuned_model": list(tuned), "positive": ["pos", 0], "negative": ["neg", 0],
-        "latent_image": ["latent", 0], "seed": seed, "steps": steps, "switch_unit": "step", "switch_step": k,
-        "switch_fraction": 0.75, "cfg_base": 7.5, "cfg_tuned": cfg_tuned, "mode": "switch", "blend_power": 1.0,
-        "sampler_name": sampler, "scheduler": "ddim_uniform", "handoff": "continuous", "denoise": 1.0}}
+        "latent_image": ["latent", 0], "seed": seed, "steps": steps, **combined_switch_inputs(switch_step=k),
+        "cfg_base": 7.5, "cfg_tuned": cfg_tuned, "sampler_name": sampler, "scheduler": "ddim_uniform", "handoff": "continuous", "denoise": 1.0}}
     return name
 
 
@@ -119,14 +120,16 @@ def test_sdxl_architecture_combined_equals_ksampler_endpoints(host, models_tree)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     ks = nodes["KSampler"]()
     comb = nodes["RewardTuneCombinedKSampler"]
-    kw = dict(positive=pos, negative=neg, latent_image=latent, seed=1, steps=3, switch_unit="step", switch_fraction=0.0,
-              cfg_base=5.0, cfg_tuned=5.0, mode="switch", blend_power=1.0, sampler_name="euler", scheduler="normal",
-              handoff="continuous", denoise=1.0)
+    kw = dict(positive=pos, negative=neg, latent_image=latent, seed=1, steps=3, cfg_base=5.0, cfg_tuned=5.0,
+              sampler_name="euler", scheduler="normal", handoff="continuous", denoise=1.0)
     ref_base = ks.sample(base, 1, 3, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
     ref_tuned = ks.sample(tuned, 1, 3, 5.0, "euler", "normal", pos, neg, latent)[0]["samples"]
-    c3 = comb.execute(base_model=base, tuned_model=tuned, switch_step=3, **kw).args[0]["samples"]
-    c0 = comb.execute(base_model=base, tuned_model=tuned, switch_step=0, **kw).args[0]["samples"]
-    c1 = comb.execute(base_model=base, tuned_model=tuned, switch_step=1, **kw).args[0]["samples"]
+    c3 = comb.execute(base_model=base, tuned_model=tuned, **combined_switch_inputs(switch_step=3, api=False),
+                        **kw).args[0]["samples"]
+    c0 = comb.execute(base_model=base, tuned_model=tuned, **combined_switch_inputs(switch_step=0, api=False),
+                        **kw).args[0]["samples"]
+    c1 = comb.execute(base_model=base, tuned_model=tuned, **combined_switch_inputs(switch_step=1, api=False),
+                        **kw).args[0]["samples"]
     tol = 1e-5 * max(1.0, ref_base.abs().max().item())
     assert (c3 - ref_base).abs().max().item() <= tol
     assert (c0 - ref_tuned).abs().max().item() <= tol

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from rewardtune.rewards import load_reward_model
-from rewardtune.testing.workflow import ui_to_api
+from rewardtune.testing.workflow import EXAMPLES, load_example, ui_to_api
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_IDS = ("RewardTuneLoadRewardModel", "RewardTuneScoreImages", "RewardTuneBestOfN")
@@ -167,9 +167,7 @@ def test_example_workflow_runs_over_http_and_server_survives_bad_input(reward_tr
     info = server.get("/object_info")
     for name in NODE_IDS:
         assert name in info, f"{name} missing from /object_info\n{server.log_tail()}"
-    with open(os.path.join(PACK_ROOT, "example_workflows", "best_of_n.json"), encoding="utf-8") as f:
-        workflow = json.load(f)
-    good = ui_to_api(workflow, info, {
+    good = ui_to_api(load_example(EXAMPLES["best_of_n"]), info, {
         ("CheckpointLoaderSimple", "ckpt_name"): models_tree["sd15"],
         ("RewardTuneLoadRewardModel", "reward_model"): reward_tree["files"]["pickscore"],
         ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64,

@@ -3,12 +3,13 @@ the example workflow runs over HTTP with progress on the websocket, and bad inpu
 from __future__ import annotations
 
 import json
+import urllib.parse
 import uuid
 
 import pytest
 import websocket
 
-from rewardtune.testing.workflow import combined_example_prompt
+from rewardtune.testing.workflow import EXAMPLES, combined_example_prompt
 
 pytestmark = pytest.mark.server
 OUR_NODES = ("RewardTuneCombinedKSampler", "RewardTuneCombinedGuider")
@@ -91,8 +92,9 @@ def test_bad_switch_fails_clearly_and_server_keeps_serving(server, models_tree):
 
 def test_example_workflow_is_listed_as_a_template(server):
     templates = server.get("/workflow_templates")
-    assert "combined_generation" in templates.get("rewardtune", []), templates
-    wf = server.get("/api/workflow_templates/rewardtune/combined_generation.json")
+    name = EXAMPLES["combined"]
+    assert name in templates.get("rewardtune", []), templates
+    wf = server.get("/api/workflow_templates/rewardtune/" + urllib.parse.quote(name) + ".json")
     if isinstance(wf, bytes):
         wf = json.loads(wf)
     assert any(n["type"] == "RewardTuneCombinedKSampler" for n in wf["nodes"])

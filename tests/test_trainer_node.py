@@ -688,7 +688,7 @@ def test_a_killed_server_lists_the_job_and_resumes_it(models_tree, reward_tree, 
 
 
 def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer_server, models_tree, reward_tree):
-    """example_workflows/train_imagerefl_then_combined.json over HTTP: ImageReFL on a small
+    """The ImageReFL template (example_workflows/5 Train ImageReFL …) over HTTP: ImageReFL on a small
     folder in the input directory, then base → freshly tuned with the Combined KSampler."""
     from rewardtune.testing.workflow import train_example_prompt, write_tiny_dataset
     srv = trainer_server

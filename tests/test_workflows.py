@@ -1,0 +1,262 @@
+"""The pack as a user meets it in the browser: the example workflows (read as the frontend reads
+them, laid out without overlaps, listed as templates with a picture) and a help page per node.
+
+The frontend rules the conversion follows are those of comfyui-frontend-package 1.47 (see
+testing/workflow.py); the server is a real ``main.py --cpu``.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+import urllib.parse
+
+import pytest
+from PIL import Image
+
+from rewardtune.testing.workflow import (EXAMPLES, TITLE_HEIGHT, WorkflowError, combined_switch_inputs, combo_options,
+                                         is_widget, load_example, min_node_size, ui_to_api, widget_inputs)
+
+pytestmark = pytest.mark.server
+MODEL_FILE_INPUTS = {"ckpt_name", "lora_name", "reward_model", "aesthetic_clip", "embedder_name", "lcm_lora"}
+
+
+@pytest.fixture(scope="module")
+def info(server):
+    return server.get("/object_info")
+
+
+@pytest.fixture(scope="module")
+def pack(info):
+    """The pack's folder name as the frontend derives it (python_module custom_nodes.<pack>)."""
+    return info["RewardTuneCombinedKSampler"]["python_module"].split(".")[1]
+
+
+def our_nodes(info):
+    return sorted(n for n, i in info.items() if i["python_module"].startswith("custom_nodes.") and
+                  n.startswith("RewardTune"))
+
+
+# ------------------------------------------------------------------ the frontend's widget rules
+def _node(values, ntype="T", inputs=()):
+    return {"nodes": [{"id": 1, "type": ntype, "mode": 0, "inputs": list(inputs), "widgets_values": values}],
+            "links": []}
+
+
+def _info(required, optional=None):
+    return {"T": {"input": {"required": required, "optional": optional or {}},
+                  "input_order": {"required": list(required), "optional": list(optional or {})}}}
+
+
+@pytest.mark.parametrize("name,extra,control", [
+    ("seed", {}, True),                                   # named seed, says nothing: the frontend adds one
+    ("noise_seed", {}, True),
+    ("seed", {"control_after_generate": False}, False),   # says no
+    ("steps", {}, False),
+    ("steps", {"control_after_generate": True}, True),
+    ("steps", {"control_after_generate": "fixed"}, True),
+])
+def test_control_after_generate_rule(name, extra, control):
+    """INT: ``control_after_generate ?? name in ('seed', 'noise_seed')`` adds a control widget whose
+    value is stored after the number and never sent."""
+    info = _info({name: ["INT", {"default": 0, "min": 0, "max": 100, **extra}], "cfg": ["FLOAT", {"min": 0, "max": 30}]})
+    values = [7, "randomize", 5.0] if control else [7, 5.0]
+    assert ui_to_api(_node(values), info)["1"]["inputs"] == {name: 7, "cfg": 5.0}
+    other = [7, 5.0] if control else [7, "randomize", 5.0]
+    with pytest.raises(WorkflowError, match="shifted|not a valid"):
+        ui_to_api(_node(other), info)
+
+
+def test_float_and_combo_controls_and_dynamic_combo():
+    info = _info({
+        "f": ["FLOAT", {"control_after_generate": True}],
+        "c": ["COMBO", {"options": ["a", "b"], "control_after_generate": True}],   # control + filter list
+        "d": ["COMFY_DYNAMICCOMBO_V3", {"options": [
+            {"key": "x", "inputs": {"required": {"n": ["INT", {"min": 0, "max": 9}]}}},
+            {"key": "y", "inputs": {"required": {}}}]}],
+        "m": ["MODEL", {}],
+        "s": ["STRING", {"forceInput": True}],   # no widget
+    })
+    wf = _node([0.5, "fixed", "b", "increment", "", "x", 3], inputs=[{"name": "m", "link": None}])
+    assert ui_to_api(wf, info)["1"]["inputs"] == {"f": 0.5, "c": "b", "d": "x", "d.n": 3}
+    assert ui_to_api(_node([0.5, "fixed", "b", "fixed", "", "y"]), info)["1"]["inputs"] == {"f": 0.5, "c": "b", "d": "y"}
+    with pytest.raises(WorkflowError, match="left over"):
+        ui_to_api(_node([0.5, "fixed", "b", "fixed", "", "y", 3]), info)
+    with pytest.raises(WorkflowError, match="not one of its options"):
+        ui_to_api(_node([0.5, "fixed", "b", "fixed", "", "z"]), info)
+
+
+def test_the_old_sweep_workflow_fails_as_it_did_in_the_browser(info):
+    """The shipped sweep before the fix had no value for the seed's control widget: in the browser
+    every later widget shifted one slot (steps = NaN, scheduler = 512 …). The conversion now fails
+    on it too."""
+    wf = load_example(EXAMPLES["sweep"])
+    node = next(n for n in wf["nodes"] if n["type"] == "RewardTuneQualityDiversitySweep")
+    seed_at = 4  # prompts, negative, images_per_prompt, seed, then the control
+    assert node["widgets_values"][seed_at] == "fixed"
+    del node["widgets_values"][seed_at]
+    with pytest.raises(WorkflowError, match="control-after-generate widget of 'seed' holds 40"):
+        ui_to_api(wf, info, check_options=False)
+
+
+def test_seed_inputs_say_control_after_generate(info):
+    for name in our_nodes(info):
+        for inp, spec in widget_inputs(info[name]):
+            if inp in ("seed", "noise_seed") or "seed" in inp:
+                assert "control_after_generate" in spec[1], f"{name}.{inp} leaves the control widget to the frontend"
+
+
+def test_combined_inputs_are_nested_and_flat_prompts_are_refused(host, models_tree):
+    """switch_unit and mode are DynamicCombos: an API prompt names their inputs
+    switch_unit.switch_step / switch_unit.switch_fraction / mode.blend_power. A prompt with the
+    flat names of RewardTune 0.2 is refused by ComfyUI's validation, naming the missing input."""
+    def prompt(switch):
+        return {
+            "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+            "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a fox"}},
+            "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "c": {"class_type": "RewardTuneCombinedKSampler", "inputs": {
+                "base_model": ["ckpt", 0], "tuned_model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["pos", 0],
+                "latent_image": ["lat", 0], "seed": 0, "steps": 4, "cfg_base": 7.5, "cfg_tuned": 1.0,
+                "sampler_name": "euler", "scheduler": "normal", "handoff": "continuous", "denoise": 1.0, **switch}},
+            "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["c", 0], "vae": ["ckpt", 2]}},
+            "out": {"class_type": "PreviewImage", "inputs": {"images": ["dec", 0]}}}
+
+    def errors(switch):
+        return [(e["message"], e["details"]) for e in host.validate(prompt(switch))[3].get("c", {}).get("errors", [])]
+    assert errors(combined_switch_inputs(switch_step=3)) == []
+    assert errors(combined_switch_inputs(switch_unit="fraction", switch_fraction=0.5, mode="blend", blend_power=2.0)) == []
+    assert errors({"switch_unit": "step", "switch_step": 3, "switch_fraction": 0.5, "mode": "switch",
+                   "blend_power": 1.0}) == [("Required input is missing", "switch_step")]
+    assert errors({"switch_unit": "step", "switch_unit.switch_step": 3, "mode": "blend"}) == \
+        [("Required input is missing", "blend_power")]
+
+
+# ------------------------------------------------------------------ the shipped examples
+@pytest.mark.parametrize("key", sorted(EXAMPLES))
+def test_example_converts_as_the_frontend_reads_it(info, key):
+    """Every widget value lands on the input it belongs to: each value fits its input's type,
+    bounds and (for fixed option lists) options, and the node holds exactly as many values as
+    the frontend reads (control widgets included)."""
+    wf = load_example(EXAMPLES[key])
+    prompt = ui_to_api(wf, info, check_options=False)
+    for node in wf["nodes"]:
+        if str(node["id"]) not in prompt:
+            continue
+        inputs = prompt[str(node["id"])]["inputs"]
+        node_info = info[node["type"]]
+        for name, spec in widget_inputs(node_info):
+            if is_widget(spec) and name not in MODEL_FILE_INPUTS and spec[0] != "COMFY_DYNAMICCOMBO_V3" \
+                    and combo_options(spec) and not isinstance(inputs.get(name), list):
+                assert inputs[name] in combo_options(spec), (key, node["type"], name, inputs[name])
+        for inp in node.get("inputs", []):  # every connected socket reaches the prompt as a link
+            if inp.get("link") is not None:
+                assert isinstance(inputs.get(inp["name"]), list), (key, node["type"], inp["name"])
+
+
+def test_examples_hold_the_papers_settings(info):
+    """Spot checks by input name: the values users see are the ones the notes describe."""
+    def inputs(key, ntype):
+        return [p["inputs"] for p in ui_to_api(load_example(EXAMPLES[key]), info, check_options=False).values()
+                if p["class_type"] == ntype]
+    comb = inputs("combined", "RewardTuneCombinedKSampler")[0]
+    assert {k: comb[k] for k in ("seed", "steps", "switch_unit", "switch_unit.switch_step", "cfg_base", "cfg_tuned",
+                                 "mode", "sampler_name", "scheduler", "handoff", "denoise")} == {
+        "seed": 42, "steps": 40, "switch_unit": "step", "switch_unit.switch_step": 30, "cfg_base": 7.5,
+        "cfg_tuned": 1.0, "mode": "switch", "sampler_name": "ddpm", "scheduler": "ddim_uniform",
+        "handoff": "continuous", "denoise": 1.0}
+    sweep = inputs("sweep", "RewardTuneQualityDiversitySweep")[0]
+    assert (sweep["seed"], sweep["steps"], sweep["scheduler"], sweep["width"], sweep["height"]) == \
+        (0, 40, "ddim_uniform", 512, 512)
+    sqdf = inputs("train_sqdf", "RewardTuneTrainLoRA")[0]
+    assert (sqdf["objective"], sqdf["preset"], sqdf["lcm_lora"]) == ("sqdf", "SQDF HPS (paper)", "(none)")
+    assert len(sqdf["prompts"].splitlines()) == 4
+    refl = inputs("train_imagerefl", "RewardTuneTrainLoRA")[0]
+    assert (refl["objective"], refl["preset"], refl["dataset_folder"]) == \
+        ("imagerefl", "ImageReFL (paper, SD1.5)", "rewardtune_dataset")
+
+
+def _box(node):
+    x, y = node["pos"]
+    w, h = node["size"]
+    return x, y - TITLE_HEIGHT, x + w, y + h   # the title bar sits above pos
+
+
+def _overlap(a, b):
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLES))
+def test_example_layout_has_no_overlaps_and_room_for_every_widget(info, key):
+    wf = load_example(EXAMPLES[key])
+    for node in wf["nodes"]:
+        if node["type"] in info:
+            need_w, need_h = min_node_size(node, info[node["type"]])
+            w, h = node["size"]
+            title = node.get("title") or info[node["type"]]["display_name"]
+            assert h >= need_h, f"{key}: {title} is {h} px high, its slots and widgets need {need_h}"
+            assert w >= need_w, f"{key}: {title!r} is {w} px wide, its title needs {need_w:.0f}"
+    for a, b in itertools.combinations(wf["nodes"], 2):
+        assert not _overlap(_box(a), _box(b)), f"{key}: node {a['id']} ({a.get('title', a['type'])}) overlaps " \
+                                               f"node {b['id']} ({b.get('title', b['type'])})"
+    for a, b in itertools.combinations(wf.get("groups", []), 2):
+        assert not _overlap(a["bounding"][:2] + [a["bounding"][0] + a["bounding"][2], a["bounding"][1] + a["bounding"][3]],
+                            b["bounding"][:2] + [b["bounding"][0] + b["bounding"][2], b["bounding"][1] + b["bounding"][3]])
+
+
+def test_overlap_check_can_fail():
+    """The layout check sees a node whose title bar reaches into the node above."""
+    upper = {"pos": [0, 30], "size": [300, 262]}
+    lower = {"pos": [0, 30 + 262 + 20], "size": [300, 100]}   # 20 px gap, title bar 30 px
+    assert _overlap(_box(upper), _box(lower))
+    lower["pos"][1] += 10
+    assert not _overlap(_box(upper), _box(lower))
+
+
+def test_templates_are_listed_with_pictures(server, pack):
+    """/workflow_templates lists one template per task; the Templates dialog titles each card with
+    the file name and fetches <name>.jpg as its picture."""
+    listed = server.get("/workflow_templates")[pack]
+    assert sorted(listed) == sorted(EXAMPLES.values())
+    for name in listed:
+        base = f"/api/workflow_templates/{pack}/{urllib.parse.quote(name)}"
+        wf = server.get(base + ".json")
+        wf = json.loads(wf) if isinstance(wf, bytes) else wf
+        assert wf["nodes"]
+        picture = Image.open(io.BytesIO(server.get(base + ".jpg")))
+        assert picture.format == "JPEG" and picture.size == (256, 256), (name, picture.format, picture.size)
+        assert len(set(picture.convert("L").resize((16, 16)).getdata())) > 8, f"{name}.jpg is a flat placeholder"
+        assert re.fullmatch(r"\d [A-Z][A-Za-z0-9 ,()-]+", name), f"{name!r} does not read as a title"
+
+
+# ------------------------------------------------------------------ help pages
+def _all_input_names(node_info):
+    names = []
+
+    def visit(name, spec):
+        names.append(name)
+        if spec[0] == "COMFY_DYNAMICCOMBO_V3":
+            for option in spec[1]["options"]:
+                for group in option["inputs"].values():
+                    for child, child_spec in group.items():
+                        visit(child, child_spec)
+    for name, spec in widget_inputs(node_info):
+        visit(name, spec)
+    return names
+
+
+def test_every_node_has_a_help_page_documenting_every_input(host, server, info, pack):
+    """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves where the
+    frontend's help panel fetches it, /extensions/<pack>/docs/<Node>.md (after a per-locale
+    /docs/<Node>/<locale>.md); each page names every input, as `name`, and has a worked example."""
+    ours = our_nodes(info)
+    assert ours == sorted(n for n in host.node_classes if n.startswith("RewardTune"))
+    for name in ours:
+        page = server.get(f"/extensions/{pack}/docs/{name}.md")
+        assert isinstance(page, bytes), f"{name}: help page not served as markdown"
+        text = page.decode("utf-8")
+        assert text.startswith("# "), f"{name}: help page has no title"
+        missing = [i for i in _all_input_names(info[name]) if f"`{i}`" not in text]
+        assert not missing, f"web/docs/{name}.md does not document {missing}"
+        assert "## Example" in text, f"{name}: help page has no worked example"
