@@ -20,6 +20,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 
 import pytest
 
@@ -367,7 +368,7 @@ def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_s
 def open_and_queue_template(page, srv, name, prefer, artifacts) -> float:
     """Open template ``name`` from the Templates dialog, pick the tiny models and small sizes in
     its widgets, press Run, and wait for the prompt to succeed. Returns the seconds it ran."""
-    expected = srv.get(f"/api/workflow_templates/rewardtune/{name}.json")
+    expected = srv.get(f"/api/workflow_templates/rewardtune/{urllib.parse.quote(name)}.json")
     page.locator(".templates-tab-button").click()
     dialog = page.locator("[role=dialog]").last
     dialog.wait_for(timeout=30_000)
