@@ -260,6 +260,34 @@ def test_resume_equals_uninterrupted(tmp_path, objective, precision):
     assert_resume_equals_uninterrupted(str(tmp_path / "full"), str(tmp_path / "half"), full, resumed)
 
 
+def test_a_checkpoint_without_a_format_version_resumes_exactly_and_newer_formats_are_refused(tmp_path):
+    """A checkpoint in the format of the versions before "format_version" existed (the same file
+    with that key deleted) is read as format 1 and resumes bit for bit like an uninterrupted run;
+    a newer or unknown format, or a file without a checkpoint's keys, is refused with a message
+    that says so (and nothing trains)."""
+    patcher, vae = tiny_setup()
+    data = dict(encode=encode, prompts=["p", "q", "r"])
+    full = train(patcher, vae, pattern_reward, small(steps=4), out_dir=str(tmp_path / "full"), **data)
+    train(patcher, vae, pattern_reward, small(steps=2), out_dir=str(tmp_path / "half"), **data)
+    path = str(tmp_path / "half" / "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    assert state.pop("format_version") == 1
+    torch.save(state, path)  # the previous format: no version field
+    resumed = train(patcher, vae, pattern_reward, small(steps=4), out_dir=str(tmp_path / "half"), resume=path, **data)
+    assert resumed.step == 4 and load_checkpoint(path)["format_version"] == 1
+    assert_resume_equals_uninterrupted(str(tmp_path / "full"), str(tmp_path / "half"), full, resumed)
+
+    bad = str(tmp_path / "bad.pt")
+    for version, message in ((2, r"format 2, newer than this RewardTune reads \(up to 1\): update RewardTune"),
+                             ("1", "format '1', which RewardTune does not know"), (0, "format 0, which")):
+        torch.save({**state, "format_version": version}, bad)
+        with pytest.raises(TrainingError, match=message):
+            train(patcher, vae, pattern_reward, small(steps=4), resume=bad, **data)
+    torch.save({k: v for k, v in state.items() if k not in ("optimizer", "rng")}, bad)
+    with pytest.raises(TrainingError, match="not a RewardTune training checkpoint \\(it lacks optimizer, rng\\)"):
+        load_checkpoint(bad, mmap=True)
+
+
 def test_stop_request_saves_and_returns(tmp_path):
     patcher, vae = tiny_setup()
     calls = []

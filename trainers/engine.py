@@ -42,6 +42,10 @@ from .steps import Batch, StepContext, randint
 
 
 MAX_SKIPPED_FP16_STEPS = 20
+# What ``save_checkpoint`` writes under "format_version". Files from before the field existed are
+# format 1 (the same keys). Raise it when a change makes older code misread a new file.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("step", "lora", "optimizer", "rng", "config", "history")
 log = logging.getLogger("rewardtune.trainers")
 
 
@@ -99,8 +103,9 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
     """Everything a resume needs, written atomically. The RNG is the run's own generator only
     (checkpoints of earlier versions also hold the process-wide state under "torch"; it is not
     restored: a job must not reseed the generator a foreground sampler uses)."""
-    state = {"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": {"generator": gen.get_state()}, "config": config.to_json(), "history": json.dumps(history)}
+    state = {"format_version": CHECKPOINT_FORMAT, "step": step, "lora": lora.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": {"generator": gen.get_state()},
+             "config": config.to_json(), "history": json.dumps(history)}
     if scaler is not None and scaler.is_enabled():  # fp16
         state["scaler"] = scaler.state_dict()
     if replay is not None:  # SQDF: the buffer is part of the state, so a resume is exact
@@ -110,11 +115,25 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:
     """``mmap=True`` maps the tensors instead of reading them: for a look at the step, the config or
-    the LoRA without reading the optimizer state and an SQDF replay buffer (gigabytes)."""
+    the LoRA without reading the optimizer state and an SQDF replay buffer (gigabytes). A file
+    without "format_version" (written before the field existed) is read as format 1."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise TrainingError(f"cannot read the checkpoint {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} is not a RewardTune training checkpoint")
+    version = state.get("format_version", 1)
+    if not (isinstance(version, int) and 1 <= version <= CHECKPOINT_FORMAT):
+        newer = isinstance(version, int) and version > CHECKPOINT_FORMAT
+        raise TrainingError(f"the checkpoint {path} has format {version!r}" +
+                            (f", newer than this RewardTune reads (up to {CHECKPOINT_FORMAT}): update RewardTune "
+                             "to resume it" if newer else ", which RewardTune does not know: it was not written "
+                             "by RewardTune's trainer"))
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise TrainingError(f"{path} is not a RewardTune training checkpoint (it lacks {', '.join(missing)})")
+    return state
 
 
 # ------------------------------------------------------------------------------ the run's state
