@@ -13,7 +13,8 @@ from test_trainer_engine import (assert_resume_equals_uninterrupted, brightness,
 
 from rewardtune.trainers.config import ConfigError  # noqa: E402
 from rewardtune.trainers.engine import load_checkpoint, train  # noqa: E402
-from rewardtune.trainers.sqdf import discount, kl_term, posterior  # noqa: E402
+from rewardtune.trainers.sqdf import discount, kl_term  # noqa: E402
+from rewardtune.trainers.steps import posterior  # noqa: E402
 
 
 def sqdf_cfg(**kw):
@@ -130,14 +131,14 @@ def _lcm_file(patcher, tmp_path, seed=9):
     return str(path)
 
 
-def _inside_sampling(model, fn, x, cfg):
+def _inside_sampling(model, fn, x, cfg_scale):
     """Runs ``fn(model_wrap, extra_args)`` where ComfyUI's sampling has prepared ``model`` (the
     guider, conds, options), as the engine's training steps run; returns what it returns."""
     import comfy.samplers
     from rewardtune.trainers.engine import StepSampler
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(encode("a lighthouse"), encode(""))
-    guider.set_cfg(cfg)
+    guider.set_cfg(cfg_scale)
     sampler = StepSampler(lambda model_wrap, sigmas, extra_args, noise, latent: fn(model_wrap, extra_args))
     guider.sample(x, torch.zeros_like(x), sampler, torch.tensor([1.0, 0.0]), seed=0)
     return sampler.out
@@ -151,8 +152,8 @@ def test_the_consistency_jump_equals_comfyuis_lcm_model(host, tmp_path):
     import comfy.sd
     import comfy.utils
     from rewardtune.testing import tiny_models as tm
-    from rewardtune.trainers.objectives import StepContext
     from rewardtune.trainers.sqdf import ConsistencyModel
+    from rewardtune.trainers.steps import StepContext
     patcher = tm.tiny_model_patcher(seed=0, unit_scale=True)  # no x0 wrapper: the LCM formula is the model's own
     path = _lcm_file(patcher, tmp_path)
     node = host.node_classes["ModelSamplingDiscrete"]
@@ -173,14 +174,14 @@ def test_the_consistency_jump_equals_comfyuis_lcm_model(host, tmp_path):
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 
     def jump(model_wrap, extra_args):
-        ctx = StepContext(model_wrap, None, extra_args, model_wrap.inner_model.model_sampling, None, None)
+        ctx = StepContext(model_wrap, None, extra_args, None, None, reference=policy.disabled)
         with torch.no_grad():
-            return cm.jump(ctx, x, sigma, model_wrap, policy.disabled)
-    ours = _inside_sampling(tuned, jump, x, cfg=2.0)
+            return cm.jump(ctx, x, sigma)
+    ours = _inside_sampling(tuned, jump, x, cfg_scale=2.0)
     assert all(len(m.weight_function) == 1 for m in policy.modules.values())  # the policy LoRA is back
     with torch.no_grad():
-        theirs = _inside_sampling(lcm_model, lambda mw, extra: mw(x, s_snap, **extra), x, cfg=1.0)
-        base = _inside_sampling(patcher, lambda mw, extra: mw(x, s_snap, **extra), x, cfg=1.0)
+        theirs = _inside_sampling(lcm_model, lambda mw, extra: mw(x, s_snap, **extra), x, cfg_scale=1.0)
+        base = _inside_sampling(patcher, lambda mw, extra: mw(x, s_snap, **extra), x, cfg_scale=1.0)
     err, effect = (ours - theirs).abs().max().item(), (base - theirs).abs().max().item()
     print(f"jump vs ComfyUI's LCM model: max |diff| {err:.3g} (LCM vs plain ε model: {effect:.3g})")
     assert effect > 1e-2  # the LCM weights and boundary condition matter at this size

@@ -26,7 +26,8 @@ from rewardtune.trainers.config import ConfigError, TrainConfig  # noqa: E402
 from rewardtune.trainers.data import examples_from_graph, load_examples  # noqa: E402
 from rewardtune.trainers.engine import TrainingError, load_checkpoint, reward_from_model, train  # noqa: E402
 from rewardtune.trainers.atomic import atomic_write  # noqa: E402
-from rewardtune.trainers.objectives import ddpm_step, eps_mse, imagerefl_loss, refl_loss  # noqa: E402
+from rewardtune.trainers.objectives import eps_mse, imagerefl_loss, refl_loss  # noqa: E402
+from rewardtune.trainers.steps import ddpm_step  # noqa: E402
 
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,18 +96,18 @@ def test_schedule_constants_match_the_paper():
     model = tm.build_unet_model(comfy.supported_models.SD15, tm.TINY_UNET, 0)
     ms = model.model_sampling
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", 40)
-    cfg = TrainConfig()
+    config = TrainConfig()
     assert len(sigmas) == 41 and float(sigmas[-1]) == 0.0
-    assert cfg.imagerefl_start == 30 and (cfg.imagerefl_tf_min, cfg.imagerefl_tf_max) == (30, 39)
-    assert (cfg.refl_stop_min, cfg.refl_stop_max) == (30, 39)
+    assert config.imagerefl_start == 30 and (config.imagerefl_tf_min, config.imagerefl_tf_max) == (30, 39)
+    assert (config.refl_stop_min, config.refl_stop_max) == (30, 39)
     assert float(sigmas[30]) == pytest.approx(0.635, abs=0.01)
     assert int(round(float(ms.timestep(sigmas[30])))) in range(220, 232)
-    assert (cfg.loss_scale, cfg.mse_weight, cfg.num_steps, cfg.cfg) == (1e-3, 1e-2, 40, 7.5)
+    assert (config.loss_scale, config.mse_weight, config.num_steps, config.cfg) == (1e-3, 1e-2, 40, 7.5)
 
 
 def test_config_validation_and_json():
-    cfg = small()
-    assert TrainConfig.from_json(cfg.to_json()) == cfg
+    config = small()
+    assert TrainConfig.from_json(config.to_json()) == config
     for bad, msg in ((dict(rank=0), "rank"), (dict(lr=0.0), "learning rate"), (dict(lr=-1e-3), "learning rate"),
                      (dict(refl_stop_max=10), "stop window"), (dict(objective="dpo"), "objective"),
                      (dict(width=65), "multiples of 8"), (dict(objective="imagerefl", imagerefl_start=8), "ImageReFL")):
@@ -123,8 +124,8 @@ def test_runs_end_to_end_with_a_reward_model(objective, reward_tree, tmp_path):
     from rewardtune.rewards import load_reward_model
     patcher, vae = tiny_setup()
     reward = reward_from_model(load_reward_model(os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"])))
-    cfg = small(objective=objective, refl_every=2 if objective == "imagerefl" else 0, grad_accum=2)
-    result = train(patcher, vae, reward, cfg, encode=encode, prompts=["a cat", "a dog"], images=real_images(),
+    config = small(objective=objective, refl_every=2 if objective == "imagerefl" else 0, grad_accum=2)
+    result = train(patcher, vae, reward, config, encode=encode, prompts=["a cat", "a dog"], images=real_images(),
                    out_dir=str(tmp_path))
     assert result.step == 2 and len(result.history) == 2
     for h in result.history:
@@ -259,6 +260,34 @@ def test_resume_equals_uninterrupted(tmp_path, objective, precision):
     assert_resume_equals_uninterrupted(str(tmp_path / "full"), str(tmp_path / "half"), full, resumed)
 
 
+def test_a_checkpoint_without_a_format_version_resumes_exactly_and_newer_formats_are_refused(tmp_path):
+    """A checkpoint in the format of the versions before "format_version" existed (the same file
+    with that key deleted) is read as format 1 and resumes bit for bit like an uninterrupted run;
+    a newer or unknown format, or a file without a checkpoint's keys, is refused with a message
+    that says so (and nothing trains)."""
+    patcher, vae = tiny_setup()
+    data = dict(encode=encode, prompts=["p", "q", "r"])
+    full = train(patcher, vae, pattern_reward, small(steps=4), out_dir=str(tmp_path / "full"), **data)
+    train(patcher, vae, pattern_reward, small(steps=2), out_dir=str(tmp_path / "half"), **data)
+    path = str(tmp_path / "half" / "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    assert state.pop("format_version") == 1
+    torch.save(state, path)  # the previous format: no version field
+    resumed = train(patcher, vae, pattern_reward, small(steps=4), out_dir=str(tmp_path / "half"), resume=path, **data)
+    assert resumed.step == 4 and load_checkpoint(path)["format_version"] == 1
+    assert_resume_equals_uninterrupted(str(tmp_path / "full"), str(tmp_path / "half"), full, resumed)
+
+    bad = str(tmp_path / "bad.pt")
+    for version, message in ((2, r"format 2, newer than this RewardTune reads \(up to 1\): update RewardTune"),
+                             ("1", "format '1', which RewardTune does not know"), (0, "format 0, which")):
+        torch.save({**state, "format_version": version}, bad)
+        with pytest.raises(TrainingError, match=message):
+            train(patcher, vae, pattern_reward, small(steps=4), resume=bad, **data)
+    torch.save({k: v for k, v in state.items() if k not in ("optimizer", "rng")}, bad)
+    with pytest.raises(TrainingError, match="not a RewardTune training checkpoint \\(it lacks optimizer, rng\\)"):
+        load_checkpoint(bad, mmap=True)
+
+
 def test_stop_request_saves_and_returns(tmp_path):
     patcher, vae = tiny_setup()
     calls = []
@@ -321,7 +350,8 @@ def test_a_step_along_the_gradient_raises_the_reward_at_fixed_noise():
     it, by about the first-order prediction."""
     from rewardtune.trainers.engine import StepSampler, make_decoder
     from rewardtune.trainers.lora import LoraSet
-    from rewardtune.trainers.objectives import StepContext, classic_refl_step
+    from rewardtune.trainers.objectives import classic_refl_step
+    from rewardtune.trainers.steps import Batch, StepContext
     patcher, vae = tiny_setup()
     torch.manual_seed(0)
     tuned = patcher.clone()
@@ -330,9 +360,9 @@ def test_a_step_along_the_gradient_raises_the_reward_at_fixed_noise():
     with torch.no_grad():
         for a in lora.adapters.values():
             a.lora_down.weight.normal_(0, 0.05)
-    cfg = small(refl_stop_min=8, refl_stop_max=8, refl_weight=1.0)
+    config = small(refl_stop_min=8, refl_stop_max=8, refl_weight=1.0)
     decode = make_decoder(vae, tuned.model.latent_format)
-    sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
+    sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", config.num_steps).cpu()
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
 
     def reward_at_fixed_noise(backward: bool) -> float:
@@ -340,11 +370,11 @@ def test_a_step_along_the_gradient_raises_the_reward_at_fixed_noise():
         guider = comfy.samplers.CFGGuider(tuned)
         guider.set_conds([[torch.cat([encode("a")[0][0], encode("b")[0][0]]), {}]],
                          [[torch.cat([encode("")[0][0]] * 2), {}]])
-        guider.set_cfg(cfg.cfg)
+        guider.set_cfg(config.cfg)
 
         def inside(model_wrap, sig, extra_args, n, latent):
-            ctx = StepContext(model_wrap, sig, extra_args, model_wrap.inner_model.model_sampling, decode, gen)
-            loss, metrics = classic_refl_step(ctx, n, ["a", "b"], pattern_reward, cfg)
+            ctx = StepContext(model_wrap, sig, extra_args, decode, gen)
+            loss, metrics = classic_refl_step(ctx, Batch(["a", "b"], n), pattern_reward, config)
             if backward:
                 loss.backward()
             return metrics["reward"]
@@ -511,8 +541,8 @@ def test_sdxl_checkpoint_trains_through_the_real_loader(host, models_tree, tmp_p
 
     def encode_xl(text):
         return tm.tiny_conditioning(sum(map(ord, text)) % 997, tokens=77, dim=2048, pooled=1280)
-    cfg = small(steps=1, num_steps=4, refl_stop_min=2, refl_stop_max=3, batch_size=2)
-    result = train(model, vae, brightness, cfg, encode=encode_xl, prompts=["a", "b"], out_dir=str(tmp_path))
+    config = small(steps=1, num_steps=4, refl_stop_min=2, refl_stop_max=3, batch_size=2)
+    result = train(model, vae, brightness, config, encode=encode_xl, prompts=["a", "b"], out_dir=str(tmp_path))
     assert result.step == 1 and math.isfinite(result.history[0]["reward"])
     assert any(a.lora_down.weight.abs().sum() > 0 for a in result.lora.adapters.values())
     lora_sd = comfy.utils.load_torch_file(result.lora_path, safe_load=True)

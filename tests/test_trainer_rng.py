@@ -52,10 +52,10 @@ def test_a_foreground_sampler_on_another_thread_changes_neither_the_lora_nor_its
     patcher, vae = tiny_setup()
     prompts = ["p", "q", "r"]
     # every kind of draw: prompts, batches, stop and t_f indices, training t, noise
-    cfg = dict(objective="imagerefl", refl_every=2, batch_size=1, **FAST)
+    settings = dict(objective="imagerefl", refl_every=2, batch_size=1, **FAST)
     from test_trainer_engine import real_images
     images = real_images(3)
-    quiet = train(patcher, vae, pattern_reward, small(steps=2, **cfg), encode=encode, prompts=prompts, images=images,
+    quiet = train(patcher, vae, pattern_reward, small(steps=2, **settings), encode=encode, prompts=prompts, images=images,
                   out_dir=str(tmp_path / "quiet"))
 
     latent = torch.zeros(1, 4, 8, 8)
@@ -76,9 +76,9 @@ def test_a_foreground_sampler_on_another_thread_changes_neither_the_lora_nor_its
     thread.start()
     try:
         out = str(tmp_path / "busy")
-        train(patcher, vae, pattern_reward, small(steps=1, **cfg), encode=encode, prompts=prompts, images=images,
+        train(patcher, vae, pattern_reward, small(steps=1, **settings), encode=encode, prompts=prompts, images=images,
               out_dir=out)
-        busy = train(patcher, vae, pattern_reward, small(steps=2, **cfg), encode=encode, prompts=prompts,
+        busy = train(patcher, vae, pattern_reward, small(steps=2, **settings), encode=encode, prompts=prompts,
                      images=images, out_dir=out, resume=out + "/checkpoint.pt")
     finally:
         stop.set()

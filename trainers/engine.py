@@ -9,9 +9,15 @@ or ``data.examples_from_graph`` (an IMAGE batch) return.
 clone, so the graph's model is never changed. ``encode(prompt) -> CONDITIONING`` turns captions
 into conditioning (a CLIP's ``encode_from_tokens_scheduled``). ``reward(images, prompts)`` returns
 s·(R + o) for images (B, 3, H, W) in [0, 1]; ``reward_from_model`` adapts a RewardModel.
+
+Reading order: ``train`` at the bottom is the loop; ``_setup`` and ``_restore`` build and resume
+the run's state (``_Run``); ``OBJECTIVES`` says, per objective, how a micro-batch is drawn and
+which ``step(ctx, batch, reward, config)`` turns it into a loss; ``_train_on`` runs one inside
+ComfyUI's sampling context and back-propagates it; ``_optimizer_step`` clips and steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,12 +35,17 @@ from .data import BatchSampler, Example
 from .atomic import atomic_write
 from .checkpointing import gradient_checkpointing
 from .lora import LoraSet, save_lora
-from .objectives import StepContext, classic_refl_step, imagerefl_step, randint
+from .objectives import classic_refl_step, imagerefl_step
 from . import sqdf
 from .replay import ReplayBuffer
+from .steps import Batch, StepContext, randint
 
 
 MAX_SKIPPED_FP16_STEPS = 20
+# What ``save_checkpoint`` writes under "format_version". Files from before the field existed are
+# format 1 (the same keys). Raise it when a change makes older code misread a new file.
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("step", "lora", "optimizer", "rng", "config", "history")
 log = logging.getLogger("rewardtune.trainers")
 
 
@@ -86,22 +97,16 @@ def make_decoder(vae, latent_format):
     return decode
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    """The run's own generator: all a resume needs to draw the same numbers. (Checkpoints of
-    earlier versions also hold the process-wide state under "torch"; it is not restored: a job
-    must not reseed the generator a foreground sampler uses.)"""
-    return {"generator": gen.get_state()}
-
-
-def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    gen.set_state(state["generator"])
-
-
+# ------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.Generator, config: TrainConfig,
                     history: list[dict], scaler=None, replay: ReplayBuffer | None = None) -> None:
-    state = {"step": step, "lora": lora.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": _rng_state(gen), "config": config.to_json(), "history": json.dumps(history)}
-    if scaler is not None:
+    """Everything a resume needs, written atomically. The RNG is the run's own generator only
+    (checkpoints of earlier versions also hold the process-wide state under "torch"; it is not
+    restored: a job must not reseed the generator a foreground sampler uses)."""
+    state = {"format_version": CHECKPOINT_FORMAT, "step": step, "lora": lora.state_dict(),
+             "optimizer": optimizer.state_dict(), "rng": {"generator": gen.get_state()},
+             "config": config.to_json(), "history": json.dumps(history)}
+    if scaler is not None and scaler.is_enabled():  # fp16
         state["scaler"] = scaler.state_dict()
     if replay is not None:  # SQDF: the buffer is part of the state, so a resume is exact
         state["replay"] = replay.state_dict()
@@ -110,212 +115,316 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:
     """``mmap=True`` maps the tensors instead of reading them: for a look at the step, the config or
-    the LoRA without reading the optimizer state and an SQDF replay buffer (gigabytes)."""
+    the LoRA without reading the optimizer state and an SQDF replay buffer (gigabytes). A file
+    without "format_version" (written before the field existed) is read as format 1."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise TrainingError(f"cannot read the checkpoint {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise TrainingError(f"{path} is not a RewardTune training checkpoint")
+    version = state.get("format_version", 1)
+    if not (isinstance(version, int) and 1 <= version <= CHECKPOINT_FORMAT):
+        newer = isinstance(version, int) and version > CHECKPOINT_FORMAT
+        raise TrainingError(f"the checkpoint {path} has format {version!r}" +
+                            (f", newer than this RewardTune reads (up to {CHECKPOINT_FORMAT}): update RewardTune "
+                             "to resume it" if newer else ", which RewardTune does not know: it was not written "
+                             "by RewardTune's trainer"))
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise TrainingError(f"{path} is not a RewardTune training checkpoint (it lacks {', '.join(missing)})")
+    return state
 
 
+# ------------------------------------------------------------------------------ the run's state
+@dataclass
+class _Run:
+    """Everything one run holds between steps."""
+    config: TrainConfig
+    reward: Callable
+    tuned: object                       # the clone of the input MODEL that carries the LoRA
+    lora: LoraSet
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler        # enabled for fp16 only
+    generator: torch.Generator
+    sigmas: torch.Tensor                # the N-step ddim_uniform schedule the objectives run on
+    decode_images: Callable
+    encode: Callable                    # caption -> CONDITIONING
+    prompts: list[str]
+    batches: BatchSampler | None        # real images (ImageReFL)
+    replay: ReplayBuffer | None         # SQDF
+    consistency: sqdf.ConsistencyModel | None
+    checkpoint_path: str | None
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    preview: torch.Tensor | None = None  # the newest decoded training image, for on_checkpoint
+    pool: ReplayBuffer | None = None     # SQDF: what this step's micro-batches sample from
+    skipped: int = 0                     # fp16 overflows in a row
+    conds: dict = field(default_factory=dict)
+
+    def cond(self, text: str):
+        if text not in self.conds:
+            self.conds[text] = self.encode(text)
+        return self.conds[text]
+
+    def decode(self, x0):
+        images = self.decode_images(x0)
+        self.preview = images[0].detach()  # copied to the CPU only when a checkpoint uses it
+        return images
+
+    def pick_prompts(self, n: int) -> list[str]:
+        return [self.prompts[randint(self.generator, 0, len(self.prompts) - 1)] for _ in range(n)]
+
+    def autocast(self):
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(self.tuned.load_device.type, dtype=dtype, enabled=self.config.precision != "fp32")
+
+
+def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out_dir) -> _Run:
+    """The run before its first step. The model: a clone with LoRA adapters, everything else
+    frozen. Every random number of the run (the LoRA's initial weights, noise, timestep picks,
+    prompts, batches, replay samples) comes from one generator, never the process-wide one: on the
+    server a foreground sampler on another thread seeds and draws from that one meanwhile."""
+    _check_data(config, prompts, images)
+    generator = torch.Generator().manual_seed(config.seed)
+    tuned = model.clone()
+    tuned.model.requires_grad_(False)
+    lora = LoraSet(tuned, config.rank, config.alpha, config.targets, generator=generator)
+    run = _Run(config, reward, tuned, lora,
+               optimizer=torch.optim.AdamW(lora.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+               # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
+               scaler=torch.amp.GradScaler(model.load_device.type, enabled=config.precision == "fp16"),
+               generator=generator,
+               sigmas=comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform",
+                                                      config.num_steps).cpu(),
+               decode_images=make_decoder(vae, tuned.model.latent_format), encode=encode, prompts=prompts or [],
+               batches=_image_batches(vae, images, config.batch_size, generator),
+               replay=ReplayBuffer(config.sqdf_buffer, config.sqdf_window) if config.objective == "sqdf" else None,
+               consistency=_consistency_model(tuned, config),
+               checkpoint_path=os.path.join(out_dir, "checkpoint.pt") if out_dir else None)
+    run.cond("")  # the negative
+    mm.load_models_gpu([vae.patcher])
+    if out_dir and os.path.isdir(out_dir):  # half-written files of a killed save
+        for name in os.listdir(out_dir):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(out_dir, name))
+    return run
+
+
+def _check_data(config: TrainConfig, prompts, images) -> None:
+    if config.objective in ("refl", "sqdf") or config.refl_every:
+        if not prompts:
+            raise ConfigError(f"{'SQDF' if config.objective == 'sqdf' else 'classic ReFL'} samples from prompts: "
+                              "give at least one prompt")
+    if config.objective == "imagerefl" and not images:
+        raise ConfigError("ImageReFL trains on real images: give images with captions")
+
+
+def _image_batches(vae, images, batch_size: int, generator) -> BatchSampler | None:
+    """Real latents encoded once (no grad). ``images``: {(h, w): [Example]} from
+    data.load_examples / examples_from_graph; a batch never mixes sizes."""
+    if not images:
+        return None
+    with torch.no_grad():
+        latents = {size: [Example(vae.encode(ex.image[None, ..., :3]).cpu(), ex.caption, ex.source)
+                          for ex in examples] for size, examples in images.items()}
+    return BatchSampler(latents, batch_size, generator)
+
+
+def _consistency_model(tuned, config: TrainConfig):
+    if config.objective != "sqdf":
+        return None
+    if not config.sqdf_lcm_lora:
+        log.warning("SQDF: no LCM-LoRA given (sqdf_lcm_lora): x̂0 from the frozen reference's one-step prediction, "
+                    "the paper's 'without consistency model' ablation")
+        return None
+    consistency = sqdf.ConsistencyModel(tuned, config.sqdf_lcm_lora)
+    log.info("SQDF: x̂0 from the consistency model %s (%d layers)", config.sqdf_lcm_lora, len(consistency.layers))
+    return consistency
+
+
+def _restore(run: _Run, state: dict) -> None:
+    """A checkpoint's state into a freshly set-up run: the run continues exactly where it stopped."""
+    run.lora.load_state_dict(state["lora"])
+    if run.replay is not None and "replay" in state:
+        run.replay.load_state_dict(state["replay"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.generator.set_state(state["rng"]["generator"])
+    run.step, run.history = int(state["step"]), json.loads(state["history"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])  # a no-op unless fp16
+
+
+def _save(run: _Run) -> None:
+    if run.checkpoint_path:
+        save_checkpoint(run.checkpoint_path, run.step, run.lora, run.optimizer, run.generator, run.config,
+                        run.history, run.scaler, run.replay)
+
+
+# ------------------------------------------------------------------------------ one micro-batch
+def _conditioning(run: _Run, texts: list[str]):
+    """The batch's positive conditioning (one caption a sample) and the empty-prompt negative."""
+    conds = [run.cond(t) for t in texts]
+    if len({c[0][0].shape[1] for c in conds}) > 1:
+        raise TrainingError("captions encode to different lengths (over 75 tokens make longer conditioning); "
+                            "shorten the long captions or use batch size 1")
+    empty = run.cond("")
+    positive = [[torch.cat([c[0][0] for c in conds]), dict(conds[0][0][1])]]
+    negative = [[empty[0][0].expand(len(texts), *empty[0][0].shape[1:]), dict(empty[0][1])]]
+    if "pooled_output" in negative[0][1]:
+        negative[0][1]["pooled_output"] = negative[0][1]["pooled_output"].expand(len(texts), -1)
+        positive[0][1]["pooled_output"] = torch.cat([c[0][1]["pooled_output"] for c in conds])
+    return positive, negative
+
+
+def _in_sampling(run: _Run, batch: Batch, fn: Callable, after: Callable = lambda out: out):
+    """``fn(ctx, batch)`` (under autocast), then ``after`` of its result, inside ComfyUI's sampling
+    context for the batch: the guider prepares models, conditioning and options exactly as for
+    sampling, and hands in the noise and the process_latent_in'd latents."""
+    config = run.config
+    guider = comfy.samplers.CFGGuider(run.tuned)
+    guider.set_conds(*_conditioning(run, batch.prompts))
+    guider.set_cfg(config.cfg)
+    latents = batch.latents
+    shape = latents.shape if latents is not None else (len(batch.prompts), run.tuned.model.latent_format.latent_channels,
+                                                       config.height // 8, config.width // 8)
+    noise = torch.randn(shape, generator=run.generator)
+
+    def inside(model_wrap, sigmas, extra_args, noise_in, latents_in):
+        ctx = StepContext(model_wrap, sigmas, extra_args, run.decode, run.generator, run.lora.merged,
+                          run.lora.disabled, run.consistency)
+        with run.autocast():
+            out = fn(ctx, dataclasses.replace(batch, noise=noise_in,
+                                              latents=latents_in if latents is not None else None))
+        return after(out)
+    sampler = StepSampler(inside)
+    guider.sample(noise, latents if latents is not None else torch.zeros(shape), sampler, run.sigmas,
+                  seed=config.seed + run.step)
+    return sampler.out
+
+
+def _train_on(run: _Run, objective: "Objective", batch: Batch) -> dict:
+    """One micro-batch of an objective: its loss, back-propagated inside the sampling context."""
+    def backward(out):
+        loss, metrics = out
+        if not torch.isfinite(loss):
+            raise TrainingError(f"the {objective.name} loss is {loss.item()} at step {run.step + 1} (the reward "
+                                "returned NaN/inf, or the model diverged); lower the learning rate. The last "
+                                "checkpoint is kept.")
+        run.scaler.scale(loss / run.config.grad_accum).backward()
+        return metrics
+    return _in_sampling(run, batch, lambda ctx, b: objective.step(ctx, b, run.reward, run.config), backward)
+
+
+def _optimizer_step(run: _Run) -> torch.Tensor:
+    """Once per accumulation cycle: unscale (fp16), clip, step. An fp16 overflow skips the update
+    (the scaler lowers its scale); too many in a row, or a non-finite norm without fp16, stop the run."""
+    config, scaler = run.config, run.scaler
+    scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.lora.parameters(),
+                                               config.grad_clip if config.grad_clip > 0 else float("inf"))
+    if torch.isfinite(grad_norm):
+        run.skipped = 0
+    elif not scaler.is_enabled():
+        raise TrainingError(f"the gradient norm is {grad_norm.item()} at step {run.step + 1}; lower the learning rate "
+                            "or use fp32/bf16. The last checkpoint is kept.")
+    else:
+        run.skipped += 1
+        if run.skipped >= MAX_SKIPPED_FP16_STEPS:
+            raise TrainingError(f"fp16 gradients overflowed {run.skipped} steps in a row (up to step {run.step + 1}); "
+                                "use bf16 or fp32, or lower the learning rate. The last checkpoint is kept.")
+    scaler.step(run.optimizer)
+    scaler.update()
+    return grad_norm
+
+
+# ------------------------------------------------------------------------------ the objectives
+def _draw_prompts(run: _Run) -> Batch:
+    return Batch(run.pick_prompts(run.config.batch_size))
+
+
+def _draw_images(run: _Run) -> Batch:
+    picks = run.batches.next()
+    return Batch([p.caption for p in picks], latents=torch.cat([p.image for p in picks]))
+
+
+def _draw_replay(run: _Run) -> Batch:
+    pairs = run.pool.sample(run.config.batch_size, run.generator, num_steps=len(run.sigmas) - 1,  # ddim_uniform may add one
+                            prioritised=run.config.sqdf_prioritised, gamma=run.config.sqdf_gamma)
+    return Batch([t.prompt for t, _ in pairs], pairs=pairs)
+
+
+def _collect_trajectories(run: _Run) -> dict:
+    """SQDF, before the step's micro-batches: fresh trajectories with the current policy (no grad)
+    into the replay buffer (or, on-policy, into a pool of this step's only)."""
+    config, t0 = run.config, time.perf_counter()
+    fresh, metrics = [], {}
+    while len(fresh) < config.sqdf_collect:
+        n = min(config.batch_size, config.sqdf_collect - len(fresh))
+        trajs, m = _in_sampling(run, Batch(run.pick_prompts(n)), lambda ctx, b: sqdf.collect(ctx, b, run.reward))
+        fresh += trajs
+        metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / config.sqdf_collect
+    metrics["collect_seconds"] = time.perf_counter() - t0
+    run.pool = run.replay if config.sqdf_use_buffer else ReplayBuffer(len(fresh))  # on-policy: the paper's ablation
+    run.pool.add(fresh)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Objective:
+    """An objective as the loop runs it: ``draw(run)`` picks a micro-batch, ``step(ctx, batch,
+    reward, config)`` is its loss (objectives.py, sqdf.py); ``prepare(run)``, if any, runs once
+    per optimizer step before the micro-batches and returns metrics."""
+    name: str
+    step: Callable
+    draw: Callable[[_Run], Batch]
+    prepare: Callable[[_Run], dict] | None = None
+
+
+OBJECTIVES = {"refl": Objective("classic ReFL", classic_refl_step, _draw_prompts),
+              "imagerefl": Objective("ImageReFL", imagerefl_step, _draw_images),
+              "sqdf": Objective("SQDF", sqdf.update, _draw_replay, prepare=_collect_trajectories)}
+
+
+# ------------------------------------------------------------------------------ the loop
 def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable, prompts: list[str] | None = None,
           images: dict[tuple[int, int], list[Example]] | None = None, out_dir: str | None = None,
           resume: str | None = None, should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[dict], None] | None = None,
           on_checkpoint: Callable[[int, torch.Tensor], None] | None = None) -> TrainResult:
-    cfg = config.validate()
-    if cfg.objective in ("refl", "sqdf") or cfg.refl_every:
-        if not prompts:
-            raise ConfigError(f"{'SQDF' if cfg.objective == 'sqdf' else 'classic ReFL'} samples from prompts: "
-                              "give at least one prompt")
-    if cfg.objective == "imagerefl" and not images:
-        raise ConfigError("ImageReFL trains on real images: give images with captions")
-    device = model.load_device
-
-    # --- the model: a clone with LoRA adapters; everything else frozen.
-    # Every random number of the run (the LoRA's initial weights, noise, timestep picks, prompts,
-    # batches, replay samples) comes from this one generator, never the process-wide one: on the
-    # server a foreground sampler on another thread seeds and draws from that one meanwhile.
-    gen = torch.Generator().manual_seed(cfg.seed)
-    tuned = model.clone()
-    tuned.model.requires_grad_(False)
-    lora = LoraSet(tuned, cfg.rank, cfg.alpha, cfg.targets, generator=gen)
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    latent_format = tuned.model.latent_format
-    decode_images = make_decoder(vae, latent_format)
-    preview: dict[str, torch.Tensor] = {}
-
-    def decode(x0):  # keeps the newest decoded training image as a preview for on_checkpoint
-        images = decode_images(x0)
-        preview["image"] = images[0].detach()  # copied to the CPU only when a checkpoint uses it
-        return images
-    sigmas = comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform", cfg.num_steps).cpu()
-    history: list[dict] = []
-    step = 0
-    replay = ReplayBuffer(cfg.sqdf_buffer, cfg.sqdf_window) if cfg.objective == "sqdf" else None
-    consistency = None
-    if cfg.objective == "sqdf" and cfg.sqdf_lcm_lora:
-        consistency = sqdf.ConsistencyModel(tuned, cfg.sqdf_lcm_lora)
-        log.info("SQDF: x̂0 from the consistency model %s (%d layers)", cfg.sqdf_lcm_lora, len(consistency.layers))
-    elif cfg.objective == "sqdf":
-        log.warning("SQDF: no LCM-LoRA given (sqdf_lcm_lora): x̂0 from the frozen reference's one-step prediction, "
-                    "the paper's 'without consistency model' ablation")
+    run = _setup(model, vae, reward, config.validate(), encode, prompts, images, out_dir)
     if resume:
-        state = load_checkpoint(resume)
-        lora.load_state_dict(state["lora"])
-        if replay is not None and "replay" in state:
-            replay.load_state_dict(state["replay"])
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(gen, state["rng"])
-        step, history = int(state["step"]), json.loads(state["history"])
-
-    # --- data: real latents encoded once (no grad); conditioning cached per caption
-    # (``images``: {(h, w): [Example]} from data.load_examples / examples_from_graph; a batch
-    # never mixes sizes)
-    latents = {}
-    for size, examples in (images or {}).items():
-        with torch.no_grad():
-            latents[size] = [Example(vae.encode(ex.image[None, ..., :3]).cpu(), ex.caption, ex.source)
-                             for ex in examples]
-    batches = BatchSampler(latents, cfg.batch_size, gen) if latents else None
-    cond_cache: dict[str, list] = {}
-
-    def pick_prompts(n: int) -> list[str]:
-        return [prompts[randint(gen, 0, len(prompts) - 1)] for _ in range(n)]
-
-    def cond(text):
-        if text not in cond_cache:
-            cond_cache[text] = encode(text)
-        return cond_cache[text]
-
-    negative = cond("")
-    mm.load_models_gpu([vae.patcher])
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    if out_dir and os.path.isdir(out_dir):  # half-written files of a killed save
-        for name in os.listdir(out_dir):
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(out_dir, name))
-
-    def run_step(kind: str, texts: list[str], latent: torch.Tensor | None, pairs=None):
-        """One micro-batch: an objective inside the sampling context; backward inside it too."""
-        lengths = {cond(t)[0][0].shape[1] for t in texts}
-        if len(lengths) > 1:
-            raise TrainingError("captions encode to different lengths (over 75 tokens make longer conditioning); "
-                                "shorten the long captions or use batch size 1")
-        positive = [[torch.cat([cond(t)[0][0] for t in texts]), dict(cond(texts[0])[0][1])]]
-        neg = [[negative[0][0].expand(len(texts), *negative[0][0].shape[1:]), dict(negative[0][1])]]
-        if "pooled_output" in neg[0][1]:
-            neg[0][1]["pooled_output"] = neg[0][1]["pooled_output"].expand(len(texts), -1)
-            positive[0][1]["pooled_output"] = torch.cat([cond(t)[0][1]["pooled_output"] for t in texts])
-        guider = comfy.samplers.CFGGuider(tuned)
-        guider.set_conds(positive, neg)
-        guider.set_cfg(cfg.cfg)
-        shape = latent.shape if latent is not None else (len(texts), latent_format.latent_channels,
-                                                        cfg.height // 8, cfg.width // 8)
-        noise = torch.randn(shape, generator=gen)
-        base_latent = latent if latent is not None else torch.zeros(shape)
-
-        def inside(model_wrap, sig, extra_args, noise_in, latent_in):
-            ctx = StepContext(model_wrap, sig, extra_args, model_wrap.inner_model.model_sampling, decode, gen,
-                              lora.merged)
-            with torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
-                                enabled=cfg.precision != "fp32"):
-                if kind == "sqdf_collect":  # no loss: trajectories for the replay buffer
-                    return sqdf.collect(ctx, noise_in, texts, reward, cfg)
-                if kind == "refl":
-                    loss, metrics = classic_refl_step(ctx, noise_in, texts, reward, cfg)
-                elif kind == "sqdf_update":
-                    loss, metrics = sqdf.update(ctx, pairs, reward, cfg, model_wrap, lora.disabled, consistency)
-                else:
-                    loss, metrics = imagerefl_step(ctx, noise_in, latent_in, texts, reward, cfg, model_wrap)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"the {kind} loss is {loss.item()} at step {step + 1} (the reward returned "
-                                    f"NaN/inf, or the model diverged); lower the learning rate. The last checkpoint is kept.")
-            scaled = loss / cfg.grad_accum
-            (scaler.scale(scaled) if scaler else scaled).backward()
-            return metrics
-
-        sampler = StepSampler(inside)
-        guider.sample(noise, base_latent, sampler, sigmas, seed=cfg.seed + step)
-        return sampler.out
-
-    # --- the loop
-    # fp16 needs loss scaling (its range underflows small gradients); bf16 and fp32 do not
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-    if resume and scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    skipped = 0
+        _restore(run, load_checkpoint(resume))
+    objective, regulariser = OBJECTIVES[config.objective], OBJECTIVES["refl"]
     stopped = False
-    with gradient_checkpointing(tuned.model.diffusion_model, cfg.grad_checkpointing):
-        while step < cfg.steps:
+    with gradient_checkpointing(run.tuned.model.diffusion_model, config.grad_checkpointing):
+        while run.step < config.steps:
             if should_stop is not None and should_stop():
                 stopped = True
                 break
             t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            metrics: dict = {}
-            source = None
-            if cfg.objective == "sqdf":  # collect fresh trajectories with the current policy (no grad)
-                fresh = []
-                while len(fresh) < cfg.sqdf_collect:
-                    n = min(cfg.batch_size, cfg.sqdf_collect - len(fresh))
-                    trajs, m = run_step("sqdf_collect", pick_prompts(n), None)
-                    fresh += trajs
-                    metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / cfg.sqdf_collect
-                metrics["collect_seconds"] = time.perf_counter() - t0
-                if cfg.sqdf_use_buffer:
-                    replay.add(fresh)
-                    source = replay
-                else:  # on-policy ablation: only this step's trajectories
-                    source = ReplayBuffer(len(fresh))
-                    source.add(fresh)
-            for _ in range(cfg.grad_accum):
-                if cfg.objective == "sqdf":
-                    pairs = source.sample(cfg.batch_size, gen, num_steps=len(sigmas) - 1,  # ddim_uniform may add one
-                                          prioritised=cfg.sqdf_prioritised, gamma=cfg.sqdf_gamma)
-                    m = run_step("sqdf_update", [t.prompt for t, _ in pairs], None, pairs)
-                elif cfg.objective == "refl":
-                    m = run_step("refl", pick_prompts(cfg.batch_size), None)
-                else:
-                    picks = batches.next()
-                    m = run_step("imagerefl", [p.caption for p in picks], torch.cat([p.image for p in picks]))
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / cfg.grad_accum
-            if cfg.objective == "imagerefl" and cfg.refl_every and (step + 1) % cfg.refl_every == 0:
-                m = run_step("refl", pick_prompts(cfg.batch_size), None)
+            run.optimizer.zero_grad(set_to_none=True)
+            metrics = objective.prepare(run) if objective.prepare else {}
+            for _ in range(config.grad_accum):
+                for k, v in _train_on(run, objective, objective.draw(run)).items():
+                    metrics[k] = metrics.get(k, 0.0) + v / config.grad_accum
+            if config.objective == "imagerefl" and config.refl_every and (run.step + 1) % config.refl_every == 0:
+                m = _train_on(run, regulariser, regulariser.draw(run))  # classic ReFL every refl_every-th step
                 metrics.update({f"regulariser_{k}": v for k, v in m.items()})
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if torch.isfinite(grad_norm):
-                skipped = 0
-            elif scaler is None:
-                raise TrainingError(f"the gradient norm is {grad_norm.item()} at step {step + 1}; lower the learning rate "
-                                    "or use fp32/bf16. The last checkpoint is kept.")
-            else:  # an fp16 overflow: the scaler skips this update and lowers its scale
-                skipped += 1
-                if skipped >= MAX_SKIPPED_FP16_STEPS:
-                    raise TrainingError(f"fp16 gradients overflowed {skipped} steps in a row (up to step {step + 1}); "
-                                        "use bf16 or fp32, or lower the learning rate. The last checkpoint is kept.")
-            if scaler is not None:
-                scaler.step(optimizer)  # once per accumulation cycle
-                scaler.update()
-            else:
-                optimizer.step()  # once per accumulation cycle
-            step += 1
-            metrics.update(step=step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
-            history.append(metrics)
+            grad_norm = _optimizer_step(run)
+            run.step += 1
+            metrics.update(step=run.step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
+            run.history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                if ckpt_path:
-                    save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler, replay)
-                if on_checkpoint is not None and "image" in preview:
-                    on_checkpoint(step, preview["image"].float().cpu())  # (3, H, W) in [0, 1]: the x̂0 the reward saw
-
+            if run.step % config.save_every == 0 or run.step == config.steps:
+                _save(run)
+                if on_checkpoint is not None and run.preview is not None:
+                    on_checkpoint(run.step, run.preview.float().cpu())  # (3, H, W) in [0, 1]: the x̂0 the reward saw
     lora_path = None
     if out_dir:
-        if ckpt_path and (stopped or step % cfg.save_every):
-            save_checkpoint(ckpt_path, step, lora, optimizer, gen, cfg, history, scaler, replay)
+        if stopped or run.step % config.save_every:
+            _save(run)
         lora_path = os.path.join(out_dir, "lora.safetensors")
-        save_lora(lora_path, lora, {"rewardtune_config": cfg.to_json(), "rewardtune_step": str(step)})
-    return TrainResult(tuned, lora, step, history, stopped, lora_path)
+        save_lora(lora_path, run.lora, {"rewardtune_config": config.to_json(), "rewardtune_step": str(run.step)})
+    return TrainResult(run.tuned, run.lora, run.step, run.history, stopped, lora_path)

@@ -1,9 +1,9 @@
-"""The training objectives, each one step of work run inside ComfyUI's sampling context.
-
-Every objective is called by ``StepSampler`` with the CFG guider as ``model`` (``model(x, σ)``
-returns the CFG x0 prediction with gradients), the sampler's σ schedule (the N-step DDPM grid,
-ComfyUI's ``ddim_uniform``), the raw noise and the process_latent_in'd latent. It returns the loss
-(a scalar tensor with a graph) and metrics. Notation follows the papers:
+"""The training objectives: one signature, ``step(ctx, batch, reward, config) -> (loss, metrics)``,
+run by the engine inside ComfyUI's sampling context (``steps.StepContext``: the CFG guider as
+``ctx.model``, whose ``model(x, σ)`` returns the CFG x0 prediction with gradients, and the
+sampler's σ schedule, the N-step DDPM grid of ComfyUI's ``ddim_uniform``; ``steps.Batch``: the
+prompts, the sampler's noise, the real latents). The loss is a scalar tensor with a graph.
+Notation follows the papers:
 
 * classic ReFL (ImageReward): from noise, no-grad DDPM steps down to a random stop index in the
   late window, one step with gradients predicting x0, decode, reward;
@@ -11,59 +11,21 @@ ComfyUI's ``ddim_uniform``), the raw noise and the process_latent_in'd latent. I
 * ImageReFL: the real image's latent noised to the start index, no-grad DDPM steps to a random
   t_f, one gradient step to x0, decode, reward; plus the ordinary diffusion loss on the noised
   real latent; loss = loss_scale · [mse_weight · MSE − mean(s·(R + o))].
+* SQDF: ``sqdf.update`` (and ``sqdf.collect``, which fills its replay buffer).
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .steps import Batch, StepContext, cfg_scale, ddpm_step, denoise_no_grad, randint, sigma_batch
+
+__all__ = ["classic_refl_step", "imagerefl_step", "refl_loss", "imagerefl_loss", "eps_mse",
+           "ddpm_step"]  # ddpm_step: from steps.py, here too for benchmarks/bench_train.py
+
 # reward(images (B, 3, H, W) in [0, 1], prompts) -> s·(R + o), tensor (B,)
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-
-
-@dataclass
-class StepContext:
-    model: Callable                 # the guider: model(x, sigma_batch, **extra_args) -> x0 (CFG)
-    sigmas: torch.Tensor            # N + 1 values, last 0
-    extra_args: dict
-    model_sampling: object
-    decode: Callable[[torch.Tensor], torch.Tensor]   # x0 (model space) -> images in [0, 1], BCHW
-    generator: torch.Generator
-    frozen_weights: Callable = contextlib.nullcontext  # no-grad calls: the LoRA merged once (LoraSet.merged)
-
-
-def ddpm_step(x: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, sp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """One DDPM (posterior, η = 1) step from σ=s to σ=sp in ComfyUI's parameterisation
-    (x = x0 + σ·ε): mean x0 + (sp²/s²)(x − x0), std sp·√(s² − sp²)/s; at sp = 0 it returns x0."""
-    if float(sp) == 0.0:
-        return x0
-    mean = x0 + (sp ** 2 / s ** 2) * (x - x0)
-    std = sp * torch.sqrt(s ** 2 - sp ** 2) / s
-    return mean + std * noise
-
-
-def _sigma(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return s.expand(x.shape[0]).to(x)
-
-
-def denoise_no_grad(ctx: StepContext, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """DDPM steps from index ``start`` to ``stop`` (exclusive of the step at ``stop``), no graph."""
-    with torch.no_grad(), ctx.frozen_weights():
-        for i in range(start, stop):
-            s, sp = ctx.sigmas[i], ctx.sigmas[i + 1]
-            x0 = ctx.model(x, _sigma(x, s), **ctx.extra_args)
-            noise = torch.randn(x.shape, generator=ctx.generator).to(x)
-            x = ddpm_step(x, x0, s, sp, noise)
-    return x
-
-
-def randint(generator: torch.Generator, lo: int, hi: int) -> int:
-    """Uniform integer in [lo, hi]."""
-    return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
 
 
 def refl_loss(rewards: torch.Tensor, lam: float, weight: float) -> torch.Tensor:
@@ -82,39 +44,33 @@ def eps_mse(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> tor
     return (((x0 - x0_pred) / sig) ** 2).mean()
 
 
-def classic_refl_step(ctx: StepContext, noise: torch.Tensor, prompts: list[str], reward: RewardFn, cfg) -> tuple[torch.Tensor, dict]:
-    ms = ctx.model_sampling
-    sigma0 = float(ctx.sigmas[0])
-    max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
-    x = ms.noise_scaling(ctx.sigmas[0], noise, torch.zeros_like(noise), max_denoise)
-    stop = randint(ctx.generator, cfg.refl_stop_min, cfg.refl_stop_max)
-    x = denoise_no_grad(ctx, x, 0, stop)
-    x0 = ctx.model(x.detach(), _sigma(x, ctx.sigmas[stop]), **ctx.extra_args)
-    r = reward(ctx.decode(x0), prompts)
-    loss = refl_loss(r, cfg.refl_lambda, cfg.refl_weight)
+def _reward_at(ctx: StepContext, x: torch.Tensor, index: int, prompts: list[str], reward: RewardFn) -> torch.Tensor:
+    """The one step with gradients: x0 predicted from x (detached) at schedule index ``index``,
+    decoded, rewarded."""
+    x0 = ctx.model(x.detach(), sigma_batch(x, ctx.sigmas[index]), **ctx.extra_args)
+    return reward(ctx.decode(x0), prompts)
+
+
+def classic_refl_step(ctx: StepContext, batch: Batch, reward: RewardFn, config) -> tuple[torch.Tensor, dict]:
+    x = ctx.steps.initial_noise(ctx.model_sampling, ctx.sigmas, batch.noise)
+    stop = randint(ctx.generator, config.refl_stop_min, config.refl_stop_max)
+    r = _reward_at(ctx, denoise_no_grad(ctx, x, 0, stop), stop, batch.prompts, reward)
+    loss = refl_loss(r, config.refl_lambda, config.refl_weight)
     return loss, {"reward": r.mean().item(), "refl_loss": loss.item(), "stop": stop}
 
 
-def imagerefl_step(ctx: StepContext, noise: torch.Tensor, latent: torch.Tensor, prompts: list[str], reward: RewardFn,
-                   cfg, guider) -> tuple[torch.Tensor, dict]:
-    ms = ctx.model_sampling
-    start = cfg.imagerefl_start
-    x = ms.noise_scaling(ctx.sigmas[start], noise, latent, False)
-    t_f = randint(ctx.generator, cfg.imagerefl_tf_min, cfg.imagerefl_tf_max)
-    x = denoise_no_grad(ctx, x, start, t_f)
-    x0 = ctx.model(x.detach(), _sigma(x, ctx.sigmas[t_f]), **ctx.extra_args)
-    r = reward(ctx.decode(x0), prompts)
+def imagerefl_step(ctx: StepContext, batch: Batch, reward: RewardFn, config) -> tuple[torch.Tensor, dict]:
+    ms, latent, start = ctx.model_sampling, batch.latents, config.imagerefl_start
+    x = ctx.steps.noised(ms, ctx.sigmas[start], batch.noise, latent)
+    t_f = randint(ctx.generator, config.imagerefl_tf_min, config.imagerefl_tf_max)
+    r = _reward_at(ctx, denoise_no_grad(ctx, x, start, t_f), t_f, batch.prompts, reward)
     # diffusion loss: the conditional prediction (no CFG) on the real latent noised at a random
     # training σ, as the ordinary noise-prediction objective samples t uniformly
     t = randint(ctx.generator, 0, len(ms.sigmas) - 1)
     sig = torch.full((latent.shape[0],), float(ms.sigmas[t])).to(latent)
     eps = torch.randn(latent.shape, generator=ctx.generator).to(latent)
-    cfg_before = guider.cfg
-    guider.cfg = 1.0  # CFG 1 → ComfyUI evaluates only the conditional branch
-    try:
-        x0_pred = ctx.model(ms.noise_scaling(sig, eps, latent, False), sig, **ctx.extra_args)
-    finally:
-        guider.cfg = cfg_before
+    with cfg_scale(ctx.model, 1.0):
+        x0_pred = ctx.model(ctx.steps.noised(ms, sig, eps, latent), sig, **ctx.extra_args)
     mse = eps_mse(x0_pred, latent, sig)
-    loss = imagerefl_loss(mse, r, cfg.loss_scale, cfg.mse_weight)
+    loss = imagerefl_loss(mse, r, config.loss_scale, config.mse_weight)
     return loss, {"reward": r.mean().item(), "mse": mse.item(), "imagerefl_loss": loss.item(), "t_f": t_f}

@@ -23,20 +23,12 @@ run says so in its log and the node's summary.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 
 import torch
 
-from .objectives import StepContext, _sigma
+from .steps import Batch, StepContext, cfg_scale, denoise_no_grad
 from .replay import Trajectory
-
-
-def posterior(x: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, sp: torch.Tensor):
-    """Mean and std of the DDPM posterior step from σ = s to σ = sp (per sample, shapes (B,1,1,1)):
-    mean = x0 + (sp²/s²)(x − x0), std = sp·√(s² − sp²)/s; at sp = 0 mean = x0, std = 0."""
-    mean = x0 + (sp ** 2 / s ** 2) * (x - x0)
-    std = sp * torch.sqrt((s ** 2 - sp ** 2).clamp_min(0)) / s
-    return mean, std
 
 
 def discount(gamma: float, num_steps: int, index: torch.Tensor) -> torch.Tensor:
@@ -57,64 +49,50 @@ def kl_term(mu: torch.Tensor, mu_ref: torch.Tensor, std: torch.Tensor, mode: str
     return torch.where(live, kl, torch.zeros_like(kl))
 
 
-def collect(ctx: StepContext, noise: torch.Tensor, prompts: list[str], reward, cfg) -> tuple[list[Trajectory], dict]:
+def collect(ctx: StepContext, batch: Batch, reward) -> tuple[list[Trajectory], dict]:
     """No-grad trajectories from noise with the current policy (LoRA merged for speed)."""
-    ms = ctx.model_sampling
-    n = len(ctx.sigmas) - 1
-    sigma0 = float(ctx.sigmas[0])
-    max_denoise = math.isclose(float(ms.sigma_max), sigma0, rel_tol=1e-5) or sigma0 > float(ms.sigma_max)
-    with torch.no_grad(), ctx.frozen_weights():
-        x = ms.noise_scaling(ctx.sigmas[0], noise, torch.zeros_like(noise), max_denoise)
-        xs = [x.float().cpu()]
-        for i in range(n):
-            s, sp = ctx.sigmas[i], ctx.sigmas[i + 1]
-            x0 = ctx.model(x, _sigma(x, s), **ctx.extra_args)
-            mean, std = posterior(x, x0, s.to(x), sp.to(x))
-            x = mean + std * torch.randn(x.shape, generator=ctx.generator).to(x)
-            xs.append(x.float().cpu())
-        r = reward(ctx.decode(x), prompts).float().cpu()
+    x = ctx.steps.initial_noise(ctx.model_sampling, ctx.sigmas, batch.noise)
+    xs = [x.float().cpu()]
+    x = denoise_no_grad(ctx, x, 0, len(ctx.sigmas) - 1, visit=lambda x_next: xs.append(x_next.float().cpu()))
+    with torch.no_grad():
+        r = reward(ctx.decode(x), batch.prompts).float().cpu()
     stacked = torch.stack(xs, 1)  # (B, N+1, C, H, W)
-    trajs = [Trajectory(stacked[b].clone(), prompts[b], float(r[b])) for b in range(len(prompts))]
+    trajs = [Trajectory(stacked[b].clone(), batch.prompts[b], float(r[b])) for b in range(len(batch.prompts))]
     return trajs, {"collect_reward": float(r.mean())}
 
 
-def update(ctx: StepContext, pairs: list[tuple[Trajectory, int]], reward, cfg, guider, disabled,
-           consistency: "ConsistencyModel | None" = None) -> tuple[torch.Tensor, dict]:
-    """The SQDF loss on sampled (trajectory, index) pairs; ``disabled()`` switches the LoRA off
-    (the reference model); ``consistency`` is the frozen LCM jump for x̂0 (None: the fallback)."""
-    n = len(ctx.sigmas) - 1
-    dev = ctx.sigmas.device
-    idx = torch.tensor([i for _, i in pairs], device=dev)
-    x = torch.stack([t.latents[i] for t, i in pairs]).to(dev, torch.float32)
-    sig = ctx.sigmas.to(dev)
-    s, sp = sig[idx].view(-1, 1, 1, 1), sig[idx + 1].view(-1, 1, 1, 1)
+def update(ctx: StepContext, batch: Batch, reward, config) -> tuple[torch.Tensor, dict]:
+    """The SQDF loss on the batch's sampled (trajectory, index) pairs."""
+    n, dev = len(ctx.sigmas) - 1, ctx.sigmas.device
+    idx = torch.tensor([i for _, i in batch.pairs], device=dev)
+    x = torch.stack([t.latents[i] for t, i in batch.pairs]).to(dev, torch.float32)
+    s, sp = ctx.sigmas[idx].view(-1, 1, 1, 1), ctx.sigmas[idx + 1].view(-1, 1, 1, 1)
     x0_policy = ctx.model(x, s.flatten(), **ctx.extra_args)
-    with torch.no_grad(), disabled():
+    with torch.no_grad(), ctx.reference():
         x0_ref = ctx.model(x, s.flatten(), **ctx.extra_args)
-    mu, std = posterior(x, x0_policy, s.to(x), sp.to(x))
-    mu_ref, _ = posterior(x, x0_ref, s.to(x), sp.to(x))
+    mu, std = ctx.steps.posterior(x, x0_policy, s, sp)
+    mu_ref, _ = ctx.steps.posterior(x, x0_ref, s, sp)
     x_next = mu + std * torch.randn(x.shape, generator=ctx.generator).to(x)
-    # x̂0 from x_{i+1}: the consistency model's jump, or (fallback) the frozen reference's one-step
-    # prediction, conditional branch only (CFG 1); at the last step x_{i+1} is already the x0 prediction
-    last = (sp.flatten() == 0)
-    sp_safe = torch.where(last, s.flatten(), sp.flatten())
-    if consistency is not None:
-        x0_hat = consistency.jump(ctx, x_next, sp_safe, guider, disabled)
-    else:
-        cfg_before = guider.cfg
-        guider.cfg = 1.0
-        try:
-            with disabled():
-                x0_hat = ctx.model(x_next, sp_safe, **ctx.extra_args)
-        finally:
-            guider.cfg = cfg_before
-    x0_hat = torch.where(last.view(-1, 1, 1, 1), x_next, x0_hat)
-    r = reward(ctx.decode(x0_hat), [t.prompt for t, _ in pairs])
-    weight = discount(cfg.sqdf_gamma, n, idx.cpu()).to(r)
-    kl = kl_term(mu, mu_ref, std, cfg.sqdf_kl)
-    loss = (-weight * r + cfg.sqdf_alpha * kl).mean()
+    r = reward(ctx.decode(_x0_estimate(ctx, x_next, sp.flatten(), s.flatten())), batch.prompts)
+    weight = discount(config.sqdf_gamma, n, idx.cpu()).to(r)
+    kl = kl_term(mu, mu_ref, std, config.sqdf_kl)
+    loss = (-weight * r + config.sqdf_alpha * kl).mean()
     return loss, {"reward": float(r.detach().mean()), "kl": float(kl.detach().mean()), "sqdf_loss": float(loss.detach()),
                   "mean_index": float(idx.float().mean())}
+
+
+def _x0_estimate(ctx: StepContext, x_next: torch.Tensor, sp: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x̂0 from x_{i+1} at σ = sp (B,): the consistency model's jump, or (fallback) the frozen
+    reference's one-step prediction, conditional branch only (CFG 1); at the last step (sp = 0)
+    x_{i+1} is already the x0 prediction."""
+    last = sp == 0
+    sp_safe = torch.where(last, s, sp)
+    if ctx.consistency is not None:
+        x0_hat = ctx.consistency.jump(ctx, x_next, sp_safe)
+    else:
+        with cfg_scale(ctx.model, 1.0), ctx.reference():
+            x0_hat = ctx.model(x_next, sp_safe, **ctx.extra_args)
+    return torch.where(last.view(-1, 1, 1, 1), x_next, x0_hat)
 
 
 class ConsistencyModel:
@@ -173,32 +151,24 @@ class ConsistencyModel:
                                             intermediate_dtype=torch.float32).to(w.dtype)
         return lcm
 
+    @contextlib.contextmanager
     def active(self):
         """Weight functions = [LCM] on its layers (the policy LoRA off), restored on exit."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap():
-            saved = [(m, list(m.weight_function)) for m, _, _ in self.layers]
-            try:
-                for m, key, adapter in self.layers:
-                    m.weight_function = [self._function(key, adapter)]
-                yield
-            finally:
-                for m, functions in saved:
-                    m.weight_function = functions
-        return swap()
-
-    def jump(self, ctx: StepContext, x: torch.Tensor, sigma: torch.Tensor, guider, disabled) -> torch.Tensor:
-        """x̂0 from x at noise level ``sigma`` (B,), conditional branch only, differentiable in x."""
-        t, sigma_snap = self.snap(sigma)
-        cfg_before = guider.cfg
-        guider.cfg = 1.0
+        saved = [(m, list(m.weight_function)) for m, _, _ in self.layers]
         try:
-            with disabled(), self.active():
-                x0_eps = ctx.model(x, sigma_snap, **ctx.extra_args)
+            for m, key, adapter in self.layers:
+                m.weight_function = [self._function(key, adapter)]
+            yield
         finally:
-            guider.cfg = cfg_before
+            for m, functions in saved:
+                m.weight_function = functions
+
+    def jump(self, ctx: StepContext, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x̂0 from x at noise level ``sigma`` (B,), conditional branch only, differentiable in x
+        (the policy LoRA off: ``ctx.reference``)."""
+        t, sigma_snap = self.snap(sigma)
+        with cfg_scale(ctx.model, 1.0), ctx.reference(), self.active():
+            x0_eps = ctx.model(x, sigma_snap, **ctx.extra_args)
         ts = (t * 10.0).view(-1, 1, 1, 1)
         c_skip = 0.25 / (ts ** 2 + 0.25)
         c_out = ts / (ts ** 2 + 0.25) ** 0.5
