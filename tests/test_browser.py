@@ -331,7 +331,9 @@ SHRINK = {
                             "gradient_checkpointing": False, "learning_rate": 1e-3,
                             "dataset_folder": "rewardtune_browser_dataset",
                             "config_json": json.dumps({"num_steps": 10, "imagerefl_start": 6, "imagerefl_tf_min": 6,
-                                                       "imagerefl_tf_max": 9, "cfg": 2.0})},
+                                                       "imagerefl_tf_max": 9, "cfg": 2.0,
+                                                       # SQDF: the paper presets collect 64/256 per step
+                                                       "sqdf_collect": 2, "sqdf_buffer": 4, "sqdf_window": 4})},
     "RewardTuneQualityDiversitySweep": {"switch_steps": "0, 2, 4", "images_per_prompt": 2},
     "RewardTuneLoadRewardModel": {"precision": "fp32"},
 }
@@ -386,7 +388,9 @@ def open_and_queue_template(page, srv, name, prefer, artifacts) -> float:
                 let v = w.value;
                 const options = Array.isArray(w.options?.values) ? w.options.values : null;
                 if (options && !options.includes(v)) v = options.includes(prefer[w.name]) ? prefer[w.name] : options[0];
-                if (w.name in rules && (!options || options.includes(rules[w.name]))) v = rules[w.name];
+                // DynamicCombo sub-inputs are named after their combo ("switch_unit.switch_step")
+                const key = (w.name in rules) ? w.name : w.name.split('.').pop();
+                if (key in rules && (!options || options.includes(rules[key]))) v = rules[key];
                 if (v !== w.value) { w.value = v; w.callback?.(v); out.push(`${node.type}.${w.name}=${v}`); }
             }
         }

@@ -239,6 +239,29 @@ def _reset_metrics(out: str, history: list[dict] | None) -> None:
     _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history or []))
 
 
+def _import_comfy(comfy_dir: str, cpu: bool) -> None:
+    """ComfyUI importable from ``comfy_dir``, its own argument parsing off (these are not its flags)."""
+    print(f"loading ComfyUI from {comfy_dir} …", flush=True)
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    from comfy.cli_args import args as comfy_args
+    comfy_args.cpu = cpu
+
+
+def _saved_checkpoint(ckpt: str, config: TrainConfig, out: str) -> dict:
+    """The checkpoint a --resume continues (tensors mapped, not read), refused when it was trained
+    with other settings than ``config``."""
+    from .engine import load_checkpoint
+    saved = load_checkpoint(ckpt, mmap=True)
+    diff = resume_differences(TrainConfig.from_json(saved["config"]), config)
+    if diff:
+        raise ConfigError("the checkpoint was trained with other settings (" + "; ".join(diff) +
+                          "): pass --config " + os.path.join(out, "config.json") + " to resume it as it was")
+    return saved
+
+
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     comfy_dir = find_comfyui(args.comfyui)
@@ -255,24 +278,11 @@ def _run(args: argparse.Namespace) -> int:
                         give_prompts="pass --prompts (a .txt file, or the prompts themselves, one per line)",
                         give_images="pass --data, a folder of images with same-named .txt captions")
 
-    print(f"loading ComfyUI from {comfy_dir} …", flush=True)
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
-    import comfy.options
-    comfy.options.enable_args_parsing(False)
-    from comfy.cli_args import args as comfy_args
-    comfy_args.cpu = args.cpu
-
-    from .engine import load_checkpoint, reward_from_model, train
+    _import_comfy(comfy_dir, args.cpu)
+    from .engine import reward_from_model, train
     from .fingerprint import run_identity
     _check_interrupt()
-    saved = None
-    if args.resume:
-        saved = load_checkpoint(ckpt, mmap=True)
-        diff = resume_differences(TrainConfig.from_json(saved["config"]), config)
-        if diff:
-            raise ConfigError("the checkpoint was trained with other settings (" + "; ".join(diff) +
-                              "): pass --config " + os.path.join(args.out, "config.json") + " to resume it as it was")
+    saved = _saved_checkpoint(ckpt, config, args.out) if args.resume else None
 
     import comfy.model_management as mm
     from ..rewards import load_reward_model
