@@ -16,21 +16,8 @@ import pytest
 import torch
 
 from rewardtune.testing.workflow import combined_switch_inputs
+from test_combined_sampler import raises_named  # noqa: E402  (the node's error class compared by name)
 
-
-def raises_named(name, match):
-    """The node's module is ComfyUI's copy of the pack (loaded under its path): compare the class by name."""
-    class _Ctx:
-        def __enter__(self):
-            self.cm = pytest.raises(Exception, match=match)
-            self.info = self.cm.__enter__()
-            return self.info
-
-        def __exit__(self, *exc):
-            ok = self.cm.__exit__(*exc)
-            assert type(self.info.value).__name__ == name, repr(self.info.value)
-            return ok
-    return _Ctx()
 
 STEPS = 4
 K = 2
