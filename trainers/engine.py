@@ -30,7 +30,7 @@ import torch
 import comfy.model_management as mm
 import comfy.samplers
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import BatchSampler, Example
 from .atomic import atomic_write
 from .checkpointing import gradient_checkpointing
@@ -185,7 +185,7 @@ def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out
     frozen. Every random number of the run (the LoRA's initial weights, noise, timestep picks,
     prompts, batches, replay samples) comes from one generator, never the process-wide one: on the
     server a foreground sampler on another thread seeds and draws from that one meanwhile."""
-    _check_data(config, prompts, images)
+    config.check_inputs(has_prompts=bool(prompts), has_images=bool(images))
     generator = torch.Generator().manual_seed(config.seed)
     tuned = model.clone()
     tuned.model.requires_grad_(False)
@@ -209,15 +209,6 @@ def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out_dir, name))
     return run
-
-
-def _check_data(config: TrainConfig, prompts, images) -> None:
-    if config.objective in ("refl", "sqdf") or config.refl_every:
-        if not prompts:
-            raise ConfigError(f"{'SQDF' if config.objective == 'sqdf' else 'classic ReFL'} samples from prompts: "
-                              "give at least one prompt")
-    if config.objective == "imagerefl" and not images:
-        raise ConfigError("ImageReFL trains on real images: give images with captions")
 
 
 def _image_batches(vae, images, batch_size: int, generator) -> BatchSampler | None:
