@@ -162,8 +162,13 @@ class RewardModel(ParamModule):
             cache.clear()
         return super()._apply(fn, *a, **kw)
 
-    def training_reward(self, images: torch.Tensor, prompts: Prompts = None, **kw) -> torch.Tensor:
-        return self.scale * (self.score(images, prompts, **kw) + self.offset)
+    def training_reward(self, images: torch.Tensor, prompts: Prompts = None, *, scale: float | None = None,
+                        offset: float | None = None, **kw) -> torch.Tensor:
+        """s·(R + o) with the reward's own s and o, or ``scale`` / ``offset`` where given (the
+        trainer's reward_scale / reward_offset settings)."""
+        s = self.scale if scale is None else scale
+        o = self.offset if offset is None else offset
+        return s * (self.score(images, prompts, **kw) + o)
 
     def forward(self, images: torch.Tensor, prompts: Prompts = None, **kw) -> torch.Tensor:
         return self.score(images, prompts, **kw)

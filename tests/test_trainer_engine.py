@@ -138,6 +138,20 @@ def test_runs_end_to_end_with_a_reward_model(objective, reward_tree, tmp_path):
     assert not patcher.weight_wrapper_patches
 
 
+def test_reward_from_model_is_the_training_reward_with_the_configured_scale_and_offset(reward_tree):
+    """The engine's reward is the reward model's own s·(R + o) on BCHW images; reward_scale and
+    reward_offset replace s and o."""
+    from rewardtune.rewards import load_reward_model
+    model = load_reward_model(os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"]))
+    x, prompts = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(8)), ["a cat", "a dog"]
+    score = model.score(x, prompts, layout="BCHW")
+    assert (model.scale, model.offset) != (1.0, 0.0)
+    assert torch.equal(reward_from_model(model)(x, prompts), model.scale * (score + model.offset))
+    assert torch.equal(reward_from_model(model)(x, prompts), model.training_reward(x, prompts, layout="BCHW"))
+    assert torch.equal(reward_from_model(model, 2.0, -1.0)(x, prompts), 2.0 * (score + -1.0))
+    assert torch.equal(reward_from_model(model, 2.0)(x, prompts), 2.0 * (score + model.offset))
+
+
 def brightness(images, prompts):
     """The issue's analytic differentiable reward: mean brightness of the decoded image."""
     return images.mean(dim=(1, 2, 3))

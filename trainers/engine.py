@@ -64,10 +64,10 @@ class TrainResult:
 
 
 def reward_from_model(reward_model, scale=None, offset=None):
-    """A RewardModel as the engine's reward: s·(R + o) on BCHW images in [0, 1]."""
-    s = reward_model.scale if scale is None else scale
-    o = reward_model.offset if offset is None else offset
-    return lambda images, prompts: s * (reward_model.score(images, prompts, layout="BCHW") + o)
+    """A RewardModel as the engine's reward: its ``training_reward`` s·(R + o) on BCHW images in
+    [0, 1] (``scale``, ``offset``: None for the reward model's own s and o)."""
+    return lambda images, prompts: reward_model.training_reward(images, prompts, scale=scale, offset=offset,
+                                                                layout="BCHW")
 
 
 class StepSampler(comfy.samplers.Sampler):
