@@ -525,11 +525,13 @@ def fits(estimate_bytes: int, budget_bytes: int, config: TrainConfig | None = No
                    f"To fit: {tail}")
 
 
-def check_fits(model, vae, reward, config: TrainConfig, budget_bytes: int) -> tuple[bool, str]:
+def check_fits(model, vae, reward, config: TrainConfig, budget_bytes: int, *,
+               peak: int | None = None) -> tuple[bool, str]:
     """``fits`` for a run, and when it does not fit, the first single change (then pairs of
     changes) that would, found by re-estimating: "turn on gradient_checkpointing and lower
-    batch_size to 2 (estimated 7.4 GiB)"."""
-    peak = estimate_peak_bytes(model, vae, reward, config)
+    batch_size to 2 (estimated 7.4 GiB)". ``peak``: the run's estimate if already known."""
+    if peak is None:
+        peak = estimate_peak_bytes(model, vae, reward, config)
     ok, message = fits(peak, budget_bytes, config)
     if ok:
         return ok, message
