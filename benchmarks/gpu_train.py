@@ -145,9 +145,11 @@ def build(model: str, reduced: bool, device: str, fake_mode=None):
         vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
     else:
         from comfy.ldm.models.autoencoder import AutoencoderKL
-        if fake:
+        if fake:  # bf16, ComfyUI's VAE dtype on recent NVIDIA GPUs (``.to`` cannot swap fake weights: a fake copy)
+            from rewardtune.trainers.memory import fake_copy
             with fake_mode:
-                vae = AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4).to(torch.bfloat16)
+                vae = AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4)
+            vae = fake_copy(vae, fake_mode, "cpu", dtype=torch.bfloat16)
         else:
             with torch.device(device):
                 first_stage = AutoencoderKL(ddconfig=dict(SD_VAE), embed_dim=4)
@@ -160,9 +162,14 @@ def build(model: str, reduced: bool, device: str, fake_mode=None):
     else:
         from open_clip.model import CLIP
         from rewardtune.rewards.clip_rewards import HPSv2
-        with (fake_mode if fake else torch.device(device)):
-            clip = CLIP(**HPS_V2).to(torch.bfloat16)
-        if not fake:
+        if fake:
+            from rewardtune.trainers.memory import fake_copy
+            with fake_mode:
+                clip = CLIP(**HPS_V2)
+            clip = fake_copy(clip, fake_mode, "cpu", dtype=torch.bfloat16)
+        else:
+            with torch.device(device):
+                clip = CLIP(**HPS_V2).to(torch.bfloat16)
             _init_(clip, 2, device)
         reward = HPSv2(clip, 77)
     reward.requires_grad_(False)
@@ -201,7 +208,7 @@ def reward_fn(reward):
 
 
 # ----------------------------------------------------------------------------- 1. the estimate
-def estimates(models, kinds, reduced: bool, precision: str) -> dict:
+def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = False) -> dict:
     import torch
     from rewardtune.trainers import memory
     out = {}
@@ -215,11 +222,17 @@ def estimates(models, kinds, reduced: bool, precision: str) -> dict:
         built = time.perf_counter() - t0
         for kind in kinds:
             t0 = time.perf_counter()
-            est = memory.estimate(base, vae, reward, config(kind, spec(model, reduced), reduced, precision), kinds=[kind])
+            cfg = config(kind, spec(model, reduced), reduced, precision)
+            est = memory.estimate(base, vae, reward, cfg, kinds=[kind])
             out[(model, kind)] = dict(bytes=est.per_kind[kind], breakdown=est.breakdown[kind], params=params,
                                       seconds=time.perf_counter() - t0, build_seconds=built)
             print(f"estimate {model} {kind}: {est.per_kind[kind] / GiB:.2f} GiB "
                   f"({time.perf_counter() - t0:.0f} s on the CPU)", flush=True)
+            if per_image and kind != "sqdf_collect":
+                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_per_image=True)
+                out[(model, kind)]["per_image_decode_bytes"] = alt.per_kind[kind]
+                print(f"estimate {model} {kind}, decode per image with checkpointing: "
+                      f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
         del base, vae, reward
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -292,6 +305,7 @@ def worker(a):
                 results[kind] = dict(step_s=statistics.median(steps), peak=peak, reserved=reserved)
         else:
             modes = ["eager"] + (["compiled"] if a.compile else [])
+            mm.load_models_gpu([vae.patcher])  # the VAE on the device, as the engine has it
             for mode in modes:
                 work = memory.workload_from(patcher.model, vae, reward)
                 work.diffusion_model.to(dev)
@@ -344,6 +358,9 @@ def main():
     ap.add_argument("--reduced", action="store_true", help="small models (CPU): shows the benchmark works")
     ap.add_argument("--estimate-only", action="store_true", help="only the CPU estimate (real size unless --reduced)")
     ap.add_argument("--no-estimate", action="store_true")
+    ap.add_argument("--per-image-decode", action="store_true",
+                    help="also estimate a decode with gradients one image at a time with checkpointing (not what "
+                         "the engine does yet: what it would save)")
     ap.add_argument("--models", default=None, help="sd15,sdxl (default; --reduced: sd15 only, the reduced SDXL "
                                                     "UNet is 10× larger and slow on a CPU)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="objectives: " + ", ".join(KINDS))
@@ -368,7 +385,8 @@ def main():
         print("no real-size run on the CPU: estimates only (add --reduced for a small CPU run)")
     t_all = time.perf_counter()
     result = {"device": a.device, "reduced": a.reduced, "models": models, "kinds": a.kinds}
-    est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16")
+    est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16",
+                                                   a.per_image_decode)
     runs = {}
     if not a.estimate_only:
         for model in models:
@@ -378,7 +396,8 @@ def main():
     size = "reduced" if a.reduced else "real size"
     print(f"\n{size}, device {a.device}, LoRA rank 8, {'fp32' if a.reduced else 'bf16'}, gradient checkpointing; "
           f"GiB = 2^30 bytes")
-    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}"
+    per_image = any("per_image_decode_bytes" in v for v in est.values())
+    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + (f" {'per-image':>9s}" if per_image else "")
     if runs:
         head += f" {'engine s':>9s} {'bare s':>8s} {'e/b':>5s} {'engine GiB':>10s} {'bare GiB':>9s} {'est/engine':>10s}"
         if a.compile:
@@ -392,6 +411,10 @@ def main():
             e = est.get((model, kind), {}).get("bytes")
             row = dict(model=model, kind=kind, estimate_bytes=e)
             line = f"{model:6s} {kind:13s} {(e / GiB if e else float('nan')):9.2f}"
+            if per_image:
+                pi = est.get((model, kind), {}).get("per_image_decode_bytes")
+                row["per_image_decode_bytes"] = pi
+                line += f" {(pi / GiB if pi else float('nan')):9.2f}"
             if runs:
                 eng, bare = runs[model]["engine"].get(kind, {}), runs[model]["composite"].get(kind, {})
                 row.update(engine=eng, composite=bare)

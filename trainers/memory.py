@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
@@ -213,11 +214,16 @@ class CompositeStep:
     as the ops' weight function in the calls with gradients and merged once into the weights for the
     no-grad calls (as ``LoraSet.merged``; here in place, so compiled callers keep their weights).
     ``denoise_steps``: how many no-grad DDPM steps run before the gradient step (None: as the
-    config's schedule does; the estimate runs one, the peak is the same)."""
+    config's schedule does; the estimate runs one, the peak is the same). ``decode_per_image``: the
+    decode with gradients one image at a time under activation checkpointing (only one image's
+    decoder activations alive in the backward pass) instead of the engine's one batched decode —
+    what that change to the engine would save."""
 
     def __init__(self, work: Workload, cfg: TrainConfig, device, denoise_steps: int | None = None,
-                 batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0):
+                 batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0,
+                 decode_per_image: bool = False):
         self.w, self.cfg, self.device = work, cfg, torch.device(device)
+        self.decode_per_image = decode_per_image
         self.B = batch_size or cfg.batch_size
         self.denoise_steps = denoise_steps
         self.gen = torch.Generator().manual_seed(seed)
@@ -318,6 +324,12 @@ class CompositeStep:
         return x
 
     def decode(self, x0):
+        if self.decode_per_image and torch.is_grad_enabled():
+            return torch.cat([torch.utils.checkpoint.checkpoint(self._decode, x0[i:i + 1], use_reentrant=False)
+                              for i in range(x0.shape[0])])
+        return self._decode(x0)
+
+    def _decode(self, x0):
         z = self.w.latent_format.process_out(x0).to(self.w.vae_dtype)
         img = self.w.first_stage.decode(z).float()
         return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -444,16 +456,19 @@ class Estimate:
 
 
 def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
-             kinds: list[str] | None = None) -> Estimate:
+             kinds: list[str] | None = None, decode_per_image: bool = False) -> Estimate:
     """The peak of each step kind of ``config`` on fake copies of ``model``, ``vae``, ``reward``
-    (no memory allocated, a few seconds per kind on the CPU). See the module doc."""
+    (no memory allocated; seconds for a tiny model, 1–2 minutes per kind for SD1.5 on a busy
+    2-core CPU). ``decode_per_image``: as if the engine decoded one image at a time with
+    checkpointing (see CompositeStep). See the module doc."""
     cfg = config.validate()
     out, parts = {}, {}
     for kind in kinds or objective_kinds(cfg):
         mode = new_fake_mode()
         work = workload_from(model, vae, reward, fake_mode=mode, device=device)
         with mode:
-            step = CompositeStep(work, cfg, device, denoise_steps=1, batch_size=step_batch(cfg, kind))
+            step = CompositeStep(work, cfg, device, denoise_steps=1, batch_size=step_batch(cfg, kind),
+                                 decode_per_image=decode_per_image)
             out[kind], parts[kind] = step.tracked(kind)
     return Estimate(out, parts)
 
