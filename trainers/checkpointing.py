@@ -6,6 +6,11 @@ in the backward pass: activation memory drops from all blocks to about one block
 extra forward. Only forwards that build a graph are checkpointed; no-grad and inference-mode calls
 (the no-grad denoise, other prompts sampling from the same model meanwhile) run as before. The
 blocks are restored when the run ends, so the graph's model is left as it was.
+
+The recomputation runs under the weight functions (ComfyUI's LoRA wrappers) each layer had in the
+forward pass, not those it has when backward runs: SQDF's reference call takes the LoRA off for its
+forward, and recomputing it with the LoRA back on failed ("Recomputed values … have different
+metadata").
 """
 from __future__ import annotations
 
@@ -25,6 +30,31 @@ def _blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer for b in blocks for layer in (b if isinstance(b, torch.nn.Sequential) else [b])]
 
 
+def _functions(layers):
+    """The weight/bias function lists the layers have now (None: the class default)."""
+    return [(m.__dict__.get("weight_function"), m.__dict__.get("bias_function")) for m in layers]
+
+
+def _set_functions(layers, state):
+    for m, (weight_fns, bias_fns) in zip(layers, state):
+        for name, fns in (("weight_function", weight_fns), ("bias_function", bias_fns)):
+            if fns is None:
+                m.__dict__.pop(name, None)
+            else:
+                setattr(m, name, list(fns))
+
+
+@contextlib.contextmanager
+def _as_in_forward(layers, state):
+    """For the recomputation: the layers' functions as they were in the forward pass."""
+    now = _functions(layers)
+    _set_functions(layers, state)
+    try:
+        yield
+    finally:
+        _set_functions(layers, now)
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
     if not enabled:
@@ -35,11 +65,16 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = Tru
         if "forward" in block.__dict__:  # already wrapped (a nested run): leave it
             continue
         forward = block.forward
+        layers = [m for m in block.modules() if hasattr(m, "weight_function")]
 
-        def checkpointed(*args, _forward=forward, **kwargs):
+        def checkpointed(*args, _forward=forward, _layers=layers, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            state = [(list(w) if w is not None else None, list(b) if b is not None else None)
+                     for w, b in _functions(_layers)]
+            return torch.utils.checkpoint.checkpoint(
+                _forward, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(_layers, state)), **kwargs)
         block.forward = checkpointed
         patched.append(block)
     try:

@@ -1,0 +1,118 @@
+"""Memory estimate without a GPU (trainers/memory.py), on tiny real models on the CPU: the estimate
+on fake copies (FakeTensorMode) equals the same tracker's measurement of the real step within
+10 %; the refusal names what to lower; SQDF trains with gradient checkpointing."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardtune.testing.comfy_host import prepare_comfy_import
+
+prepare_comfy_import(cpu=True)
+
+import comfy.sd  # noqa: E402
+
+from rewardtune.testing import tiny_models as tm  # noqa: E402
+from rewardtune.trainers import memory  # noqa: E402
+from rewardtune.trainers.config import TrainConfig  # noqa: E402
+from rewardtune.trainers.engine import train  # noqa: E402
+
+GiB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    patcher = tm.tiny_model_patcher(seed=0)
+    vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
+    g = torch.Generator().manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.SiLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    net.requires_grad_(False)
+
+    class Reward(torch.nn.Module):  # a module, so the estimate fake-copies its weights too
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images, prompts):
+            return self.net(images).squeeze(1)
+    return patcher, vae, Reward()
+
+
+def config(**kw):
+    base = dict(objective="refl", batch_size=2, grad_accum=1, num_steps=10, refl_stop_min=7, refl_stop_max=7,
+                imagerefl_start=4, imagerefl_tf_min=7, imagerefl_tf_max=7, width=64, height=64, rank=4, alpha=4.0,
+                sqdf_collect=2, sqdf_buffer=4, sqdf_window=4)
+    base.update(kw)
+    return TrainConfig(**base).validate()
+
+
+@pytest.mark.parametrize("objective,checkpointing", [("refl", False), ("imagerefl", True), ("sqdf", True)])
+def test_estimate_within_10_percent_of_the_real_step(tiny, objective, checkpointing):
+    patcher, vae, reward = tiny
+    cfg = config(objective=objective, grad_checkpointing=checkpointing)
+    est = memory.estimate(patcher, vae, reward, cfg)
+    assert set(est.per_kind) == set(memory.objective_kinds(cfg))
+    weights = sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
+    for kind, peak in est.per_kind.items():
+        real, parts = memory.measure_peak_bytes(patcher, vae, reward, cfg, kind)
+        assert abs(peak / real - 1) < 0.10, (kind, peak, real, est.breakdown[kind], parts)
+        assert real > weights  # the UNet's weights are part of the peak, and the step adds to them
+        if kind != "sqdf_collect":  # a step with gradients keeps activations for backward
+            assert parts["Activation"] + parts.get("Temp", 0) > 0.2 * real
+    # the model the graph holds is left as it was: no LoRA functions, no gradients wanted
+    assert all(not m.__dict__.get("weight_function") for m in patcher.model.diffusion_model.modules())
+    assert not any(p.requires_grad for p in patcher.model.diffusion_model.parameters())
+
+
+def test_fake_copy_allocates_nothing_and_leaves_the_original(tiny):
+    patcher, _, _ = tiny
+    unet = patcher.model.diffusion_model
+    before = [p.detach().clone() for p in unet.parameters()]
+    mode = memory.new_fake_mode()
+    copy = memory.fake_copy(unet, mode)
+    from torch._subclasses.fake_tensor import FakeTensor
+    assert all(isinstance(p, FakeTensor) for p in copy.parameters())
+    assert [p.shape for p in copy.parameters()] == [p.shape for p in unet.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
+
+
+def test_checkpointing_lowers_the_estimate_and_the_refusal_says_what_to_lower(tiny):
+    patcher, vae, reward = tiny
+    plain = config(objective="imagerefl", batch_size=4)
+    peak = memory.estimate_peak_bytes(patcher, vae, reward, plain)
+    peak_gc = memory.estimate_peak_bytes(patcher, vae, reward, config(objective="imagerefl", batch_size=4,
+                                                                       grad_checkpointing=True))
+    assert peak_gc < peak
+
+    ok, advice = memory.fits(peak, 10 * GiB, plain)
+    assert ok and "fits" in advice
+    ok, advice = memory.fits(peak, 2 ** 20, plain)  # a deliberately tiny budget: 1 MiB
+    assert not ok
+    assert "will not fit" in advice and "gradient_checkpointing" in advice and "batch_size" in advice
+    assert "1.0 MiB" not in advice and "0.0 GiB" in advice  # sizes in GiB
+
+    # a budget between the two: re-estimating finds that checkpointing alone is enough
+    budget = memory.needed_bytes(peak_gc) + 1024
+    assert memory.needed_bytes(peak) > budget
+    ok, advice = memory.check_fits(patcher, vae, reward, plain, budget, peak=peak)
+    assert not ok and "Suggested: turn on gradient_checkpointing (estimated peak" in advice
+    assert memory.fits(peak_gc, budget)[0]
+
+
+def test_sqdf_trains_with_gradient_checkpointing(tiny):
+    """The reference call of an SQDF update runs with the LoRA off; its recomputation in the
+    backward pass must too (it failed with a CheckpointError before checkpointing.py restored the
+    forward's weight functions)."""
+    patcher, vae, reward = tiny
+    losses = {}
+    for checkpointing in (False, True):
+        cfg = config(objective="sqdf", steps=1, num_steps=6, grad_checkpointing=checkpointing)
+        res = train(patcher, vae, reward, cfg, encode=lambda t: tm.tiny_conditioning(sum(map(ord, t)) % 997),
+                    prompts=["a cat"])
+        assert res.step == 1
+        losses[checkpointing] = (res.history[0]["sqdf_loss"], res.history[0]["grad_norm"])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -1,0 +1,582 @@
+"""Peak memory of a training step, known before the run starts, without a GPU.
+
+One step of an objective (ReFL, ImageReFL, SQDF collection and update) is rebuilt from public
+pieces — the graph's own UNet module (ComfyUI's ``UNetModel``), ComfyUI's ``LoraDiff`` adapters as
+the engine attaches them (``trainers.lora.new_adapter``, applied through the ops' weight functions),
+the VAE's ``first_stage_model.decode`` with gradients, the reward model, AdamW — and run on *fake*
+copies of the models under ``FakeTensorMode``: every tensor has its shape, dtype and device but no
+storage, so an 860M or 2.6B UNet costs nothing and a step takes seconds on the CPU. PyTorch's
+memory tracker (``torch.distributed._tools.mem_tracker.MemTracker``) follows every tensor the step
+creates and frees (weights, LoRA and optimizer state, gradients, activations, temporaries) and
+reports the peak of the live bytes. That is the number ``torch.cuda.max_memory_allocated`` measures
+on a GPU, minus allocator rounding and fragmentation (``fits`` adds a margin for those).
+
+    peak = estimate_peak_bytes(model, vae, reward, config)       # bytes, the largest objective step
+    ok, advice = fits(peak, budget_bytes, config)                  # advice: what to lower
+
+The same step on real tensors (``measure_peak_bytes``) is what the tests compare the estimate with
+(a tiny model on the CPU: within 10 %), and ``benchmarks/gpu_train.py`` times it next to the engine.
+
+What the estimate follows from the config: objective (and ImageReFL's ReFL regulariser), batch
+size, width × height, LoRA rank and targets, precision (autocast), gradient checkpointing of the
+UNet. What it assumes, as the engine does on a GPU: conditional and unconditional branches in one
+UNet batch (ComfyUI batches them when memory allows; the estimate is the larger case), 77-token
+conditioning, PyTorch SDPA attention (ComfyUI's default on NVIDIA GPUs) in UNet and VAE, the models
+resident on the device for the whole step (no low-VRAM partial loading), the text encoder not
+(conditioning is encoded once, before the step). The no-grad denoising steps before the gradient
+step each free their activations, so one of them stands for all.
+
+Known gaps: the fake tensors live on the "cpu" device where no CUDA is present (autograd's engine
+needs a real CUDA device to run backward on fake CUDA tensors); kernels differ little in what they
+save (PyTorch's CPU SDPA is a flash attention too), and cuDNN/cuBLAS workspaces are not counted.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.utils.checkpoint
+
+from .checkpointing import gradient_checkpointing
+from .config import TrainConfig
+from .lora import new_adapter
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+#: fits(): headroom over the tracked peak for the CUDA caching allocator (block rounding,
+#: fragmentation) and kernels' workspaces; checked against torch.cuda.max_memory_reserved by
+#: benchmarks/gpu_train.py where a GPU is available
+ALLOCATOR_MARGIN = 0.10
+#: conditioning length the estimate assumes (one CLIP chunk)
+TOKENS = 77
+
+
+# ----------------------------------------------------------------------------- fake models
+def new_fake_mode():
+    """A FakeTensorMode that also accepts the odd real constant a module keeps outside its
+    parameters and buffers (it is converted to a fake tensor, costing nothing)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def fake_copy(module: torch.nn.Module, mode, device: str | torch.device = "cpu",
+              dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters and buffers are fake tensors of ``mode`` (same shapes,
+    ``dtype`` for floating-point ones if given, on ``device``): no memory is allocated and the
+    original is not touched (a background job may be using it). ComfyUI weight/bias functions
+    (patches applied at load time) are dropped from the copy: the engine trains on the plain weights
+    plus its own LoRA."""
+    memo: dict[int, object] = {}
+    with mode:
+        for p in module.parameters():
+            want = dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+            memo[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=want, device=device),
+                                             requires_grad=p.requires_grad)
+        for b in module.buffers():
+            want = dtype if (dtype is not None and b.is_floating_point()) else b.dtype
+            memo[id(b)] = torch.empty(b.shape, dtype=want, device=device)
+    for m in module.modules():  # the graph's weight patches and their tensors are not copied
+        for name in ("weight_function", "bias_function"):
+            if m.__dict__.get(name):
+                memo[id(m.__dict__[name])] = []
+    out = copy.deepcopy(module, memo)
+    return out
+
+
+def _use_sdpa_in_vae(first_stage: torch.nn.Module) -> None:
+    """ComfyUI picks the VAE's attention at construction (split attention on the CPU); on an NVIDIA
+    GPU it is PyTorch's SDPA, so that is what the step runs."""
+    from comfy.ldm.modules.diffusionmodules import model as vae_model
+    for m in first_stage.modules():
+        if isinstance(m, vae_model.AttnBlock):
+            m.optimized_attention = vae_model.pytorch_attention
+
+
+def _sdpa_override(func, *args, **kwargs):
+    """transformer_options["optimized_attention_override"]: every UNet attention through
+    ComfyUI's PyTorch-SDPA function (its choice on NVIDIA GPUs), whatever this machine would pick."""
+    from comfy.ldm.modules.attention import attention_pytorch
+    return attention_pytorch(*args, **kwargs)  # kwargs carry the wrapper's "inside" mark: no re-entry
+
+
+# ----------------------------------------------------------------------------- the tracker
+def _tracker():
+    """PyTorch's MemTracker, taught that a model may be frozen: it hooks every parameter of a
+    module it sees run to follow its gradient, and ``register_hook`` refuses a tensor that does not
+    require grad (the UNet, VAE and reward weights here). Frozen parameters are tracked without the
+    hook; parameters that train get it as before. And a training step calls its top-level modules
+    (UNet, VAE) several times, which the tracker refuses ("does not support memory tracking for
+    multiple iterative calls"): a repeated top-level call starts that module's per-module statistics
+    afresh, as ``reset_mod_stats`` would; the device totals and the peak are unaffected. Per-module
+    peaks are not kept (the tracker updates every active module's peak after every op, which took
+    ~65 % of an estimate's time); the device peak and its breakdown are updated exactly as PyTorch
+    does. (Overrides three private methods of torch 2.x's tracker; the rest is PyTorch's.)"""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class StepMemTracker(MemTracker):
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            trains = any(p.requires_grad for p in module.parameters())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+
+        def _pre_fw_hook(self, module, inputs):
+            if module in self.memory_tracking and not self._mod_tracker.is_bw:
+                name = self._mod_tracker.get_known_fqn(module)
+                if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                    del self.memory_tracking[module]
+            return super()._pre_fw_hook(module, inputs)
+
+        def _update_peak_stats(self, peak_state):
+            for dev, dev_snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < dev_snap["Total"]:
+                    self._peak_mem[dev] = dev_snap["Total"]
+                    self._peak_mem_snap[dev] = dict(dev_snap)
+    return StepMemTracker()
+
+
+def tracked_peak(fn: Callable[[], object], *external) -> tuple[int, dict[str, int]]:
+    """Run ``fn`` under PyTorch's MemTracker; ``external``: modules, optimizers and tensors that
+    exist before it (weights, optimizer state) and count towards the peak. Returns the peak of the
+    live bytes summed over devices and its breakdown by kind (Parameter, Gradient, Activation…)."""
+    tracker = _tracker()
+    tracker.track_external(*[e for e in external if e is not None])
+    with tracker:
+        fn()
+    snap = tracker.get_tracker_snapshot("peak")
+    total = sum(dev.get("Total", 0) for dev in snap.values())
+    kinds: dict[str, int] = {}
+    for dev in snap.values():
+        for k, v in dev.items():
+            name = getattr(k, "value", str(k))
+            kinds[name] = kinds.get(name, 0) + int(v)
+    return int(total), kinds
+
+
+# ----------------------------------------------------------------------------- the step
+@dataclass
+class Workload:
+    """The pieces one training step runs on (real modules or fake copies).
+
+    ``reward(images (B, 3, H, W) in [0, 1], prompts) -> (B,)``; ``modules``: what holds weights
+    (for the tracker)."""
+    diffusion_model: torch.nn.Module
+    model_sampling: torch.nn.Module
+    latent_format: object
+    first_stage: torch.nn.Module
+    reward: Callable
+    context_dim: int
+    adm_channels: int = 0
+    vae_dtype: torch.dtype = torch.float32
+    downscale: int = 8
+    modules: list = field(default_factory=list)
+
+
+def workload_from(model, vae, reward, *, fake_mode=None, device: str | torch.device = "cpu") -> Workload:
+    """A Workload from the engine's own inputs: ``model`` a ComfyUI MODEL (ModelPatcher) or
+    BaseModel, ``vae`` a ComfyUI VAE, ``reward`` a RewardModel / the REWARD_MODEL handle (its
+    ``.model``) / any callable. With ``fake_mode`` the modules are fake copies (no memory)."""
+    base = getattr(model, "model", model)
+    unet_config = base.model_config.unet_config
+    first_stage = getattr(vae, "first_stage_model", vae)
+    vae_dtype = getattr(vae, "vae_dtype", next(first_stage.parameters()).dtype)
+    reward_module = getattr(reward, "model", reward) if isinstance(getattr(reward, "model", None), torch.nn.Module) \
+        else reward
+    if fake_mode is not None:
+        unet = fake_copy(base.diffusion_model, fake_mode, device)
+        ms = base.model_sampling  # a few real 1000-entry tables, read only (the schedule needs their values)
+        first_stage = fake_copy(first_stage, fake_mode, device)
+        if isinstance(reward_module, torch.nn.Module):
+            reward_module = fake_copy(reward_module, fake_mode, device)
+    else:
+        unet, ms = base.diffusion_model, base.model_sampling
+    _use_sdpa_in_vae(first_stage)
+    if hasattr(reward_module, "training_reward"):
+        def reward_fn(images, prompts, _r=reward_module):
+            return _r.training_reward(images, prompts, layout="BCHW")
+    else:
+        reward_fn = reward_module
+    return Workload(unet, ms, base.latent_format, first_stage, reward_fn,
+                    context_dim=int(unet_config.get("context_dim") or 768),
+                    adm_channels=int(unet_config.get("adm_in_channels") or 0), vae_dtype=vae_dtype,
+                    downscale=int(getattr(vae, "downscale_ratio", 8) if isinstance(getattr(vae, "downscale_ratio", 8), int) else 8),
+                    modules=[unet, first_stage] + ([reward_module] if isinstance(reward_module, torch.nn.Module) else []))
+
+
+class CompositeStep:
+    """One optimizer step of an objective, the engine's work written out in plain torch calls on
+    ComfyUI's modules (no sampler, no patcher): used for the estimate (on fake copies), for the
+    real measurement it is checked against, and as the bare-torch side of the GPU benchmark.
+
+    The LoRA is ComfyUI's ``LoraDiff`` on the same layers as ``LoraSet`` (``new_adapter``), applied
+    as the ops' weight function in the calls with gradients and merged once into the weights for the
+    no-grad calls (as ``LoraSet.merged``; here in place, so compiled callers keep their weights).
+    ``denoise_steps``: how many no-grad DDPM steps run before the gradient step (None: as the
+    config's schedule does; the estimate runs one, the peak is the same). ``decode_per_image``: the
+    decode with gradients one image at a time under activation checkpointing (only one image's
+    decoder activations alive in the backward pass) instead of the engine's one batched decode —
+    what that change to the engine would save."""
+
+    def __init__(self, work: Workload, cfg: TrainConfig, device, denoise_steps: int | None = None,
+                 batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0,
+                 decode_per_image: bool = False):
+        self.w, self.cfg, self.device = work, cfg, torch.device(device)
+        self.decode_per_image = decode_per_image
+        self.B = batch_size or cfg.batch_size
+        self.denoise_steps = denoise_steps
+        self.gen = torch.Generator().manual_seed(seed)
+        unet = work.diffusion_model
+        unet.requires_grad_(False)
+        work.first_stage.requires_grad_(False)
+        self.adapters, self.layers = [], []
+        for name, module in sorted(unet.named_modules(), key=lambda kv: kv[0]):
+            weight = getattr(module, "weight", None)
+            if not name.endswith(tuple(cfg.targets)) or not hasattr(module, "weight_function") \
+                    or weight is None or weight.ndim != 2:
+                continue
+            adapter = _adapter(weight, cfg.rank, cfg.alpha, self.gen)
+            adapter.lora_up.weight.requires_grad_(True)
+            adapter.lora_down.weight.requires_grad_(True)
+            adapter.alpha.requires_grad_(False)
+            module.weight_function = [adapter]
+            self.adapters.append(adapter)
+            self.layers.append(module)
+        self.params = [p for a in self.adapters for p in (a.lora_up.weight, a.lora_down.weight)]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        import comfy.samplers
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        with unset_fake_temporarily():  # the schedule from the real σ table (its values decide the grid)
+            self.sigmas = comfy.samplers.calculate_sigmas(work.model_sampling, "ddim_uniform", cfg.num_steps)
+        self.sigmas = self.sigmas.to(self.device)
+        dt = next(unet.parameters()).dtype
+        self.dtype = dt
+        h, w = cfg.height // work.downscale, cfg.width // work.downscale
+        self.latent_shape = (self.B, work.latent_format.latent_channels, h, w)
+        self.context = torch.randn(self.B, TOKENS, work.context_dim, device=self.device).to(dt)
+        self.uncontext = torch.randn(self.B, TOKENS, work.context_dim, device=self.device).to(dt)
+        self.y = torch.randn(2 * self.B, work.adm_channels, device=self.device).to(dt) if work.adm_channels else None
+        self.options = {"optimized_attention_override": _sdpa_override}
+        self.nograd_unet = nograd_unet or unet
+        self.prompts = ["a prompt"] * self.B
+
+    # -- pieces
+    def _randn(self, shape):
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+    def _x0(self, unet, x, sigma, context, y):
+        ms = self.w.model_sampling
+        sig = sigma.reshape(-1).expand(x.shape[0]).to(x)
+        xc = ms.calculate_input(sig, x).to(self.dtype)
+        t = ms.timestep(sig).float()
+        eps = unet(xc, t, context=context, y=y, transformer_options=self.options).float()
+        return ms.calculate_denoised(sig, eps, x)
+
+    def cfg_x0(self, x, sigma, unet=None):
+        """CFG x0: cond and uncond in one UNet batch (as calc_cond_batch does with memory to spare)."""
+        out = self._x0(unet or self.w.diffusion_model, torch.cat([x, x]), sigma,
+                       torch.cat([self.context, self.uncontext]), self.y)
+        c, u = out.chunk(2)
+        return u + (c - u) * self.cfg.cfg
+
+    def cond_x0(self, x, sigma):
+        """Conditional branch only (CFG 1)."""
+        y = self.y[: x.shape[0]] if self.y is not None else None
+        return self._x0(self.w.diffusion_model, x, sigma, self.context[: x.shape[0]], y)
+
+    @contextlib.contextmanager
+    def merged(self):
+        """No-grad calls: W += (α/r)·up·down once, weight functions off; restored on exit."""
+        saved = []
+        try:
+            with torch.no_grad():
+                for m, a in zip(self.layers, self.adapters):
+                    original = m.weight.detach().clone()
+                    m.weight.copy_(a(m.weight))
+                    m.weight_function = []
+                    saved.append((m, a, original))
+            yield
+        finally:
+            with torch.no_grad():
+                for m, a, original in saved:
+                    m.weight.copy_(original)
+                    m.weight_function = [a]
+
+    @contextlib.contextmanager
+    def lora_off(self):
+        """The reference model (SQDF): the LoRA's weight functions taken off."""
+        try:
+            for m in self.layers:
+                m.weight_function = []
+            yield
+        finally:
+            for m, a in zip(self.layers, self.adapters):
+                m.weight_function = [a]
+
+    def denoise(self, x, start, stop):
+        n = stop - start if self.denoise_steps is None else min(self.denoise_steps, stop - start)
+        with torch.no_grad(), self.merged():
+            for i in range(start, start + n):
+                x0 = self.cfg_x0(x, self.sigmas[i], self.nograd_unet)
+                s, sp = self.sigmas[i], self.sigmas[i + 1]
+                x = x0 + (sp ** 2 / s ** 2) * (x - x0) + sp * torch.sqrt(s ** 2 - sp ** 2) / s * self._randn(x.shape)
+        return x
+
+    def decode(self, x0):
+        if self.decode_per_image and torch.is_grad_enabled():
+            return torch.cat([torch.utils.checkpoint.checkpoint(self._decode, x0[i:i + 1], use_reentrant=False)
+                              for i in range(x0.shape[0])])
+        return self._decode(x0)
+
+    def _decode(self, x0):
+        z = self.w.latent_format.process_out(x0).to(self.w.vae_dtype)
+        img = self.w.first_stage.decode(z).float()
+        return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # -- objectives (the loss; backward and the optimizer step in ``step``)
+    def refl(self):
+        cfg = self.cfg
+        stop = cfg.refl_stop_max
+        noise = self._randn(self.latent_shape)
+        x = self.denoise(noise * self.sigmas[0], 0, stop)
+        r = self.w.reward(self.decode(self.cfg_x0(x.detach(), self.sigmas[stop])), self.prompts)
+        return cfg.refl_weight * torch.relu(cfg.refl_lambda - r).mean()
+
+    def imagerefl(self):
+        cfg = self.cfg
+        latent = self._randn(self.latent_shape)
+        t_f = cfg.imagerefl_tf_max
+        x = self.denoise(latent + self._randn(self.latent_shape) * self.sigmas[cfg.imagerefl_start],
+                         cfg.imagerefl_start, t_f)
+        r = self.w.reward(self.decode(self.cfg_x0(x.detach(), self.sigmas[t_f])), self.prompts)
+        sig = self.sigmas[min(cfg.imagerefl_start, len(self.sigmas) - 2)]
+        x0_pred = self.cond_x0(latent + self._randn(latent.shape) * sig, sig)
+        mse = (((latent - x0_pred) / sig) ** 2).mean()
+        return cfg.loss_scale * (cfg.mse_weight * mse - r.mean())
+
+    def sqdf_update(self):
+        cfg = self.cfg
+        i = len(self.sigmas) - 3  # a stochastic step (σ_{i+1} > 0): it has the KL term
+        s, sp = self.sigmas[i], self.sigmas[i + 1]
+        x = self._randn(self.latent_shape) * s
+        x0_policy = self.cfg_x0(x, s)
+        with torch.no_grad(), self.lora_off():
+            x0_ref = self.cfg_x0(x, s)
+        mu = x0_policy + (sp ** 2 / s ** 2) * (x - x0_policy)
+        mu_ref = x0_ref + (sp ** 2 / s ** 2) * (x - x0_ref)
+        std = sp * torch.sqrt(s ** 2 - sp ** 2) / s
+        x_next = mu + std * self._randn(x.shape)
+        with self.lora_off():
+            x0_hat = self.cond_x0(x_next, sp)
+        r = self.w.reward(self.decode(x0_hat), self.prompts)
+        kl = ((mu - mu_ref) ** 2).flatten(1).mean(1) / std ** 2
+        return (-(cfg.sqdf_gamma ** 2) * r + cfg.sqdf_alpha * kl).mean()
+
+    def sqdf_collect(self):
+        n = len(self.sigmas) - 1
+        x = self._randn(self.latent_shape) * self.sigmas[0]
+        with torch.no_grad():
+            xs = [x.float().cpu()]
+            x = self.denoise(x, 0, n)
+            xs.append(x.float().cpu())
+            self.w.reward(self.decode(x), self.prompts)
+        return None
+
+    def step(self, kind: str):
+        """One optimizer step of ``kind`` (refl, imagerefl, sqdf_update, sqdf_collect)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        cfg = self.cfg
+        with gradient_checkpointing(self.w.diffusion_model, cfg.grad_checkpointing), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                               enabled=cfg.precision != "fp32"):
+            loss = getattr(self, kind)()
+        if loss is None:  # collection: no update
+            return
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+
+    def warm_optimizer(self):
+        """AdamW's state as after the first step (two fp32 moments per LoRA weight), made without a
+        step, so a tracked step shows the steady state."""
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.param_groups[0]["lr"] = 0.0
+        self.optimizer.step()
+        self.optimizer.param_groups[0]["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def tracked(self, kind: str) -> tuple[int, dict[str, int]]:
+        """Peak live bytes of one steady-state step of ``kind`` (weights and optimizer state included)."""
+        self.warm_optimizer()
+        return tracked_peak(lambda: self.step(kind), *self.w.modules, *self.adapters, self.optimizer,
+                            self.context, self.uncontext, self.y)
+
+
+def _adapter(weight, rank: int, alpha: float, generator):
+    """``LoraSet``'s adapter for ``weight`` (``new_adapter``: fp32 up (out, r), down (r, in), α);
+    on a fake weight built directly (``new_adapter``'s meta-device route cannot give fake tensors
+    storage; a fake initialiser draws no random numbers anyway)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    if not isinstance(weight, FakeTensor):
+        return new_adapter(weight, rank, alpha, generator)
+    from comfy.weight_adapter.lora import LoraDiff
+    up = torch.empty(weight.shape[0], rank, dtype=torch.float32, device=weight.device)
+    down = torch.zeros(rank, weight.shape[1:].numel(), dtype=torch.float32, device=weight.device)
+    with torch.device(weight.device):  # LoraDiff's own layers are made on the weight's device
+        return LoraDiff((up, down, alpha, None, None, None))
+
+
+def objective_kinds(cfg: TrainConfig) -> list[str]:
+    """The step kinds a run of ``cfg`` executes."""
+    if cfg.objective == "sqdf":
+        return ["sqdf_collect", "sqdf_update"]
+    if cfg.objective == "imagerefl":
+        return ["imagerefl"] + (["refl"] if cfg.refl_every else [])
+    return ["refl"]
+
+
+def step_batch(cfg: TrainConfig, kind: str) -> int:
+    """Images per micro-batch of ``kind`` as the engine runs it."""
+    return min(cfg.batch_size, cfg.sqdf_collect) if kind == "sqdf_collect" else cfg.batch_size
+
+
+# ----------------------------------------------------------------------------- the estimate
+@dataclass
+class Estimate:
+    """Peak bytes per step kind, with the breakdown of the largest one."""
+    per_kind: dict[str, int]
+    breakdown: dict[str, dict[str, int]]
+
+    @property
+    def peak(self) -> int:
+        return max(self.per_kind.values())
+
+
+def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
+             kinds: list[str] | None = None, decode_per_image: bool = False) -> Estimate:
+    """The peak of each step kind of ``config`` on fake copies of ``model``, ``vae``, ``reward``
+    (no memory allocated; seconds for a tiny model, 1–2 minutes per kind for SD1.5 on a busy
+    2-core CPU). ``decode_per_image``: as if the engine decoded one image at a time with
+    checkpointing (see CompositeStep). See the module doc."""
+    cfg = config.validate()
+    out, parts = {}, {}
+    for kind in kinds or objective_kinds(cfg):
+        mode = new_fake_mode()
+        work = workload_from(model, vae, reward, fake_mode=mode, device=device)
+        with mode:
+            step = CompositeStep(work, cfg, device, denoise_steps=1, batch_size=step_batch(cfg, kind),
+                                 decode_per_image=decode_per_image)
+            out[kind], parts[kind] = step.tracked(kind)
+    return Estimate(out, parts)
+
+
+def estimate_peak_bytes(model, vae, reward, config: TrainConfig, *, device: str = "cpu") -> int:
+    """Estimated peak device memory (bytes) of a training run of ``config``: the largest step."""
+    return estimate(model, vae, reward, config, device=device).peak
+
+
+def measure_peak_bytes(model, vae, reward, config: TrainConfig, kind: str, *, device: str = "cpu",
+                       denoise_steps: int | None = 1) -> tuple[int, dict[str, int]]:
+    """The same step on the real modules (real memory), measured by the same tracker: what the
+    estimate is checked against. Attaches and removes LoRA weight functions on ``model``'s
+    modules, so only for a model nothing else is running."""
+    work = workload_from(model, vae, reward, device=device)
+    unet = work.diffusion_model
+    saved = {m: m.__dict__.get("weight_function") for m in unet.modules() if hasattr(m, "weight_function")}
+    try:
+        step = CompositeStep(work, config.validate(), device, denoise_steps=denoise_steps,
+                             batch_size=step_batch(config, kind))
+        return step.tracked(kind)
+    finally:
+        for m, functions in saved.items():
+            if functions is None:
+                m.__dict__.pop("weight_function", None)
+            else:
+                m.weight_function = functions
+
+
+# ----------------------------------------------------------------------------- the refusal
+def needed_bytes(estimate_bytes: int) -> int:
+    """What a run of this estimate needs free: the tracked peak plus ``ALLOCATOR_MARGIN``."""
+    return int(math.ceil(estimate_bytes * (1 + ALLOCATOR_MARGIN)))
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def fits(estimate_bytes: int, budget_bytes: int, config: TrainConfig | None = None) -> tuple[bool, str]:
+    """Whether a run whose step peaks at ``estimate_bytes`` fits ``budget_bytes`` of device memory,
+    with the allocator margin. The message says so, or what to lower (in the order that saves most
+    for least: gradient checkpointing, batch size, resolution, precision, LoRA rank) — the
+    settings of ``config`` when given."""
+    need = needed_bytes(estimate_bytes)
+    if need <= budget_bytes:
+        return True, (f"estimated peak {_gib(estimate_bytes)} (+{ALLOCATOR_MARGIN:.0%} allocator margin = "
+                      f"{_gib(need)}) fits the {_gib(budget_bytes)} available")
+    steps = []
+    if config is None:
+        steps = ["turn on gradient_checkpointing", "lower batch_size", "lower width/height",
+                 "use bf16 precision", "lower the LoRA rank"]
+    else:
+        if not config.grad_checkpointing:
+            steps.append("turn on gradient_checkpointing")
+        if config.batch_size > 1:
+            steps.append(f"lower batch_size (now {config.batch_size}; raise grad_accum to keep the "
+                         "effective batch)")
+        if config.width * config.height > 512 * 512:
+            steps.append(f"lower width/height (now {config.width}×{config.height})")
+        if config.precision == "fp32":
+            steps.append("use bf16 precision")
+        if config.rank > 8:
+            steps.append(f"lower the LoRA rank (now {config.rank})")
+    tail = ("; ".join(steps) if steps else "this model does not train at batch 1 on this card: use a card "
+            "with more memory")
+    return False, (f"this run will not fit: one training step needs about {_gib(need)} (estimated peak "
+                   f"{_gib(estimate_bytes)} + {ALLOCATOR_MARGIN:.0%} margin), the device has {_gib(budget_bytes)}. "
+                   f"To fit: {tail}")
+
+
+def check_fits(model, vae, reward, config: TrainConfig, budget_bytes: int, *,
+               peak: int | None = None) -> tuple[bool, str]:
+    """``fits`` for a run, and when it does not fit, the first single change (then pairs of
+    changes) that would, found by re-estimating: "turn on gradient_checkpointing and lower
+    batch_size to 2 (estimated 7.4 GiB)". ``peak``: the run's estimate if already known."""
+    if peak is None:
+        peak = estimate_peak_bytes(model, vae, reward, config)
+    ok, message = fits(peak, budget_bytes, config)
+    if ok:
+        return ok, message
+    for change, text in _changes(config):
+        try:
+            alt = TrainConfig(**{**config.__dict__, **change}).validate()
+        except Exception:  # noqa: BLE001 - an alternative the config's other settings forbid
+            continue
+        alt_peak = estimate_peak_bytes(model, vae, reward, alt)
+        if needed_bytes(alt_peak) <= budget_bytes:
+            return False, f"{message}. Suggested: {text} (estimated peak {_gib(alt_peak)})"
+    return False, message
+
+
+def _changes(cfg: TrainConfig):
+    """Single changes first, then checkpointing with each of the others, smallest loss first."""
+    singles = []
+    if not cfg.grad_checkpointing:
+        singles.append(({"grad_checkpointing": True}, "turn on gradient_checkpointing"))
+    b = cfg.batch_size
+    while b > 1:
+        b //= 2
+        singles.append(({"batch_size": b, "sqdf_collect": max(cfg.sqdf_collect, b)},
+                        f"lower batch_size to {b} (grad_accum × {cfg.batch_size // max(b, 1)} keeps the effective batch)"))
+    if cfg.precision == "fp32":
+        singles.append(({"precision": "bf16"}, "use bf16 precision"))
+    for side in (768, 512, 384):
+        if cfg.width * cfg.height > side * side:
+            singles.append(({"width": side, "height": side}, f"train at {side}×{side}"))
+    yield from singles
+    if not cfg.grad_checkpointing:
+        for change, text in singles[1:]:
+            yield {**change, "grad_checkpointing": True}, f"turn on gradient_checkpointing and {text}"
