@@ -44,6 +44,7 @@ import torch.utils.checkpoint
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
 from .lora import new_adapter
+from .steps import DDPM
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -319,8 +320,7 @@ class CompositeStep:
         with torch.no_grad(), self.merged():
             for i in range(start, start + n):
                 x0 = self.cfg_x0(x, self.sigmas[i], self.nograd_unet)
-                s, sp = self.sigmas[i], self.sigmas[i + 1]
-                x = x0 + (sp ** 2 / s ** 2) * (x - x0) + sp * torch.sqrt(s ** 2 - sp ** 2) / s * self._randn(x.shape)
+                x = DDPM.step(x, x0, self.sigmas[i], self.sigmas[i + 1], self._randn(x.shape))
         return x
 
     def decode(self, x0):
@@ -363,9 +363,8 @@ class CompositeStep:
         x0_policy = self.cfg_x0(x, s)
         with torch.no_grad(), self.lora_off():
             x0_ref = self.cfg_x0(x, s)
-        mu = x0_policy + (sp ** 2 / s ** 2) * (x - x0_policy)
-        mu_ref = x0_ref + (sp ** 2 / s ** 2) * (x - x0_ref)
-        std = sp * torch.sqrt(s ** 2 - sp ** 2) / s
+        mu, std = DDPM.posterior(x, x0_policy, s, sp)
+        mu_ref, _ = DDPM.posterior(x, x0_ref, s, sp)
         x_next = mu + std * self._randn(x.shape)
         with self.lora_off():
             x0_hat = self.cond_x0(x_next, sp)
