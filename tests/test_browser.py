@@ -322,6 +322,47 @@ def test_a_lone_point_is_drawn_as_a_dot(ui):
     check_console(log)
 
 
+# -------------------------------------------------------------------------------- UI → API rule
+def test_the_frontend_queues_what_the_headless_conversion_builds(ui, browser_server):
+    """Each example workflow loaded into the real frontend: ``app.graphToPrompt()`` sends exactly the
+    node inputs ``testing/workflow.ui_to_api`` builds (the conversion the demo and the tests use), and
+    no node grows past the size the JSON saves (LiteGraph's ``computeSize``), so a file that shifts
+    widgets or overlaps in the browser fails here."""
+    from rewardtune.testing.workflow import EXAMPLES, load_example, ui_to_api
+    page, log = ui
+    info = browser_server.get("/object_info")
+    problems = []
+    for name in EXAMPLES.values():
+        wf = load_example(name)
+        mine = ui_to_api(wf, info, check_options=False)
+        res = page.evaluate("""async (wf) => {
+            await app.loadGraphData(wf, true, true, null);
+            const p = await app.graphToPrompt();
+            const sizes = {};
+            for (const n of app.graph.nodes) sizes[n.id] = {size: [n.size[0], n.size[1]], min: n.computeSize()};
+            return {output: p.output, sizes};
+        }""", wf)
+        theirs = res["output"]
+        for nid, node in mine.items():
+            if nid not in theirs:
+                problems.append(f"{name}: node {nid} missing in the frontend's prompt")
+            elif theirs[nid]["inputs"] != node["inputs"]:
+                diff = {k: (node["inputs"].get(k), theirs[nid]["inputs"].get(k))
+                        for k in set(node["inputs"]) | set(theirs[nid]["inputs"])
+                        if node["inputs"].get(k) != theirs[nid]["inputs"].get(k)}
+                problems.append(f"{name}: node {nid} ({node['class_type']}) differs (ours, frontend's): {diff}")
+        if set(theirs) - set(mine):
+            problems.append(f"{name}: the frontend sends extra nodes {sorted(set(theirs) - set(mine))}")
+        for n in wf["nodes"]:
+            real = res["sizes"][str(n["id"])]
+            if real["size"][0] > n["size"][0] + 0.5 or real["size"][1] > n["size"][1] + 0.5 \
+                    or real["min"][1] > n["size"][1]:
+                problems.append(f"{name}: node {n['id']} {n['type']} saved {n['size']}, drawn {real['size']}, "
+                                f"needs {real['min']}")
+    assert not problems, "\n".join(problems)
+    check_console(log)
+
+
 # ---------------------------------------------------------------------------------------- templates
 # What a user of the tiny test models would pick: per widget name, a value (or for combos whose
 # value is not installed, the option to pick); per node type, overrides. Small sizes and step counts.
