@@ -27,6 +27,7 @@ import threading
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 import zipfile
@@ -148,8 +149,8 @@ def test_registry_archive_holds_what_a_user_needs(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     with zipfile.ZipFile(os.path.join(src, "node.zip")) as z:
         names = set(z.namelist())
-    tracked = set(subprocess.run(["git", "-C", src, "ls-files"], check=True, capture_output=True,
-                                 text=True).stdout.split())
+    tracked = set(subprocess.run(["git", "-C", src, "ls-files", "-z"], check=True, capture_output=True,
+                                 text=True).stdout.split("\0")) - {""}  # template names hold spaces
     runtime_dirs = ("nodes/", "jobs/", "trainers/", "rewards/", "sampling/", "metrics/", "web/",
                     "example_workflows/")
     must = {f for f in tracked if f.startswith(runtime_dirs)}
@@ -337,7 +338,7 @@ def test_install_disable_uninstall_through_comfyui_manager(host, tmp_path, monke
         assert b"registerExtension" in srv.get(f"/extensions/{REPO_NAME}/rewardtune.js")
         listed = srv.get("/api/workflow_templates")
         assert sorted(listed.get(REPO_NAME, [])) == templates, listed
-        got = srv.get(f"/api/workflow_templates/{REPO_NAME}/{templates[0]}.json")
+        got = srv.get(f"/api/workflow_templates/{REPO_NAME}/{urllib.parse.quote(templates[0])}.json")
         with open(os.path.join(PACK_ROOT, "example_workflows", templates[0] + ".json"), "rb") as f:
             assert (json.loads(got) if isinstance(got, bytes) else got) == json.load(f)
         packs = srv.get("/v2/customnode/installed")

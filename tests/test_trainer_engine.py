@@ -331,8 +331,8 @@ def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a 40 MB checkpoint in a loop: the file always loads."""
     path = tmp_path / "checkpoint.pt"
     script = (
-        "import sys, torch\n"
-        "sys.path.insert(0, sys.argv[2])\n"
+        "import runpy, sys, torch\n"
+        "runpy.run_path(sys.argv[2])['import_pack']()\n"  # whatever the checkout's folder is called
         "from rewardtune.trainers.atomic import atomic_write\n"
         "i = 0\n"
         "while True:\n"
@@ -341,7 +341,7 @@ def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
         "    print(i, flush=True)\n"
         "    i += 1\n")
     import rewardtune
-    parent = os.path.dirname(os.path.dirname(os.path.abspath(rewardtune.__file__)))
+    parent = os.path.join(os.path.dirname(os.path.abspath(rewardtune.__file__)), "testing", "pack_import.py")
     for delay in (0.01, 0.07, 0.19, 0.33):
         proc = subprocess.Popen([sys.executable, "-c", script, str(path), parent], stdout=subprocess.PIPE, text=True)
         proc.stdout.readline()  # the first save is done: now kill it at some point of a later one
