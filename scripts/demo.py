@@ -14,7 +14,9 @@
    of 8 steps (``quality_diversity/`` in the output: the plot),
 7. runs ``5 Train ImageReFL LoRA, then combined generation.json``: a Train Reward LoRA job (ImageReFL,
    8 steps on 4 generated captioned images) then the Combined KSampler base → freshly tuned
-   (``training/`` in the output: the two images and the reward curve).
+   (``training/`` in the output: the two images and the reward curve),
+8. runs ``7 Combined generation on SD3.5 (flow model).json`` on a tiny SD3.5 checkpoint (an MMDiT
+   rectified-flow transformer with CLIP-L and a 16-channel TAESD) and a LoRA for it (``sd35/``).
 """
 from __future__ import annotations
 
@@ -89,6 +91,13 @@ def main() -> int:
         if run_training(srv, info, server_dir, ckpt, reward,
                         os.path.join(out_dir, "training")) != 0:
             return 1
+        if run_workflow(srv, info, server_dir, EXAMPLES["combined_sd35"], {
+                ("CheckpointLoaderSimple", "ckpt_name"): models["sd35"],
+                ("LoraLoader", "lora_name"): models["sd35_lora"],
+                ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64,
+                ("KSampler", "steps"): 8, ("RewardTuneCombinedKSampler", "steps"): 8,
+                ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): 6}, os.path.join(out_dir, "sd35")) != 0:
+            return 1
     from PIL import Image, ImageDraw
     order = [r for r in ("base", "combined", "tuned") if r in rows]
     if order != ["base", "combined", "tuned"]:
@@ -124,7 +133,9 @@ def tiny_models() -> dict:
     emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
                                   custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
     reward = os.path.join(models, "reward_models", "rt_demo_HPS_v2.1_tiny.pt")
-    if not (os.path.exists(ckpt) and os.path.exists(lora) and os.path.exists(reward)):
+    sd35 = os.path.join(models, "checkpoints", "rt_demo_sd35.safetensors")
+    sd35_lora = os.path.join(models, "loras", "rt_demo_sd35_lora.safetensors")
+    if not all(os.path.exists(p) for p in (ckpt, lora, reward, sd35, sd35_lora)):
         print("[demo] writing tiny random-weight models …", flush=True)
         prepare_comfy_import(cpu=True)
         from rewardtune.testing import reward_fixtures as rf
@@ -132,8 +143,10 @@ def tiny_models() -> dict:
         tm.write_sd15_checkpoint(ckpt, seed=0)
         tm.write_sd15_lora(lora, seed=3, scale=0.5)
         rf.write_hpsv2(reward, seed=0)
+        from rewardtune.testing import tiny_flow_models as tf
+        tf.write_sd35_checkpoint(sd35, seed=0, lora_path=sd35_lora)
     return {"ckpt": os.path.basename(ckpt), "lora": os.path.basename(lora), "reward": os.path.basename(reward),
-            "yaml": emp}
+            "sd35": os.path.basename(sd35), "sd35_lora": os.path.basename(sd35_lora), "yaml": emp}
 
 
 def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) -> int:

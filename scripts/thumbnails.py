@@ -22,7 +22,7 @@ def main() -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="the templates to redo, by key: combined best_of_n sweep diversity "
-                                              "train_imagerefl train_sqdf (default: all)")
+                                              "train_imagerefl train_sqdf combined_sd35 (default: all)")
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     import demo
@@ -56,6 +56,10 @@ def main() -> int:
             "diversity": ui_to_api(load_example(EXAMPLES["diversity"]), info, {
                 ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("EmptyLatentImage", "width"): 64,
                 ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 4}),
+            "combined_sd35": ui_to_api(load_example(EXAMPLES["combined_sd35"]), info, {
+                ("CheckpointLoaderSimple", "ckpt_name"): models["sd35"], ("LoraLoader", "lora_name"): models["sd35_lora"],
+                ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64, ("KSampler", "steps"): 4,
+                ("RewardTuneCombinedKSampler", "steps"): 4, ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): 3}),
             "train_imagerefl": train_example_prompt(info, ckpt, reward, "rewardtune_thumbs", job_name="thumb-imagerefl",
                                                     train_steps=4, steps=4, switch=3),
             "train_sqdf": ui_to_api(load_example(EXAMPLES["train_sqdf"]), info, {
@@ -115,7 +119,7 @@ def compose(key, images, texts):
     """A 256×256 card: the run's main output (by the workflow's node ids), with a caption."""
     from PIL import Image, ImageDraw
     band = 28
-    if key == "combined":   # Save Image nodes 12, 13, 14: base only, combined, tuned only
+    if key in ("combined", "combined_sd35"):   # Save Image nodes 12, 13, 14: base only, combined, tuned only
         body, caption = grid([images[i][0] for i in ("12", "13", "14")], 3, 85), "base | combined | tuned"
     elif key == "best_of_n":   # node 10: all candidates with their scores written on them
         body, caption = grid(images["10"], 2, 114), "4 candidates, scored"

@@ -43,6 +43,8 @@ def make_custom_nodes_dir(root: str) -> str:
     cn = os.path.join(root, "custom_nodes")
     os.makedirs(cn, exist_ok=True)
     link = os.path.join(cn, PACK_NAME)
+    if os.path.islink(link) and os.path.realpath(link) != os.path.realpath(PACK_ROOT):
+        os.unlink(link)  # left by a checkout that moved or was deleted: point it at this one
     if not os.path.lexists(link):
         os.symlink(PACK_ROOT, link)
     return cn

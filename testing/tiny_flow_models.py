@@ -214,3 +214,33 @@ def write_flow_lora(path: str, model, seed: int = 0, rank: int = 4, scale: float
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _atomic_save(sd, path, dtype=torch.float32)
     return WrittenModel(path, sum(v.numel() for v in sd.values()))
+
+
+# SD3.5 as an all-in-one checkpoint, the file ``CheckpointLoaderSimple`` reads (as the
+# ``sd3.5_large_fp8_scaled`` release is): the MMDiT under ``model.diffusion_model.``, a random
+# CLIP-L under ``text_encoders.clip_l.`` and a 16-channel TAESD under ``first_stage_model.``.
+# ComfyUI builds SD3's text encoder from the encoders a checkpoint holds: with CLIP-L alone it pads
+# the tokens to 4096 and the pooled output to 2048 (CLIP-G's share zero), so the MMDiT takes those
+# widths and the Combined KSampler, the sweep and every template run on the real text path.
+SD35_CHECKPOINT = {**SD35, "adm_in_channels": 2048,
+                   "context_embedder_config": {"target": "torch.nn.Linear",
+                                               "params": {"in_features": 4096, "out_features": 128}}}
+
+
+def write_sd35_checkpoint(path: str, seed: int = 0, lora_path: str | None = None) -> WrittenModel:
+    """A detectable SD3.5 checkpoint (1.7M-parameter MMDiT + random CLIP-L + TAESD); with
+    ``lora_path`` also a random LoRA for it in the diffusers layout."""
+    import comfy.taesd.taesd
+    from .tiny_models import _clip_l_state_dict, init_weights_
+    model = comfy.supported_models.SD3(dict(SD35_CHECKPOINT)).get_model({})
+    init_flow_weights_(model.diffusion_model, seed)
+    sd = {f"model.{k}": v for k, v in model.state_dict().items() if k.startswith("diffusion_model.")}
+    for k, v in _clip_l_state_dict(seed + 1).items():
+        sd["text_encoders.clip_l." + k[len("cond_stage_model."):]] = v
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    init_weights_(taesd, seed + 2, out_scale=1.0)
+    sd.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items() if k not in ("vae_scale", "vae_shift")})
+    _atomic_save(sd, path)
+    if lora_path:
+        write_flow_lora(lora_path, model, seed=seed + 3)
+    return WrittenModel(path, sum(v.numel() for v in sd.values()))

@@ -37,6 +37,7 @@ EXAMPLES = {
     "diversity": "4 Diversity score of a batch",
     "train_imagerefl": "5 Train ImageReFL LoRA, then combined generation",
     "train_sqdf": "6 Train SQDF LoRA",
+    "combined_sd35": "7 Combined generation on SD3.5 (flow model)",
 }
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "MARKDOWN", "COLOR", "TEXTAREA", "CURVE", "RANGE",

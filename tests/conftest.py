@@ -32,6 +32,8 @@ _EMP = write_extra_model_paths(os.path.join(_SESSION_DIR, "extra_model_paths.yam
 SD15_CKPT = "rt_tiny_sd15.safetensors"
 SDXL_CKPT = "rt_tiny_sdxl.safetensors"
 SD15_LORA = "rt_tiny_sd15_lora.safetensors"
+SD35_CKPT = "rt_tiny_sd35_checkpoint.safetensors"
+SD35_LORA = "rt_tiny_sd35_checkpoint_lora.safetensors"
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,11 @@ def models_tree(host):
     tm.write_sd15_checkpoint(os.path.join(_MODELS, "checkpoints", SD15_CKPT), seed=0)
     tm.write_sdxl_checkpoint(os.path.join(_MODELS, "checkpoints", SDXL_CKPT), seed=0)
     tm.write_sd15_lora(os.path.join(_MODELS, "loras", SD15_LORA), seed=3)
-    return {"root": _MODELS, "yaml": _EMP, "sd15": SD15_CKPT, "sdxl": SDXL_CKPT, "lora": SD15_LORA}
+    from rewardtune.testing import tiny_flow_models as tf  # a flow-matching model, as a user's checkpoint
+    tf.write_sd35_checkpoint(os.path.join(_MODELS, "checkpoints", SD35_CKPT), seed=0,
+                             lora_path=os.path.join(_MODELS, "loras", SD35_LORA))
+    return {"root": _MODELS, "yaml": _EMP, "sd15": SD15_CKPT, "sdxl": SDXL_CKPT, "lora": SD15_LORA,
+            "sd35": SD35_CKPT, "sd35_lora": SD35_LORA}
 
 
 @pytest.fixture(scope="module")

@@ -394,12 +394,14 @@ def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_s
     from rewardtune.testing.workflow import write_tiny_dataset
     write_tiny_dataset(os.path.join(srv.workdir, "input", SHRINK["RewardTuneTrainLoRA"]["dataset_folder"]))
     prefer = {k: (models_tree.get(v) or reward_tree["files"][v]) for k, v in PREFER.items()}
+    # the SD3.5 template gets the tiny SD3.5 checkpoint and its LoRA
+    prefer_sd35 = {**prefer, "ckpt_name": models_tree["sd35"], "lora_name": models_tree["sd35_lora"]}
     names = template_names(srv)
     assert len(names) >= 3, names
     ran, failed = {}, {}
     for name in names:
         try:
-            ran[name] = open_and_queue_template(page, srv, name, prefer, artifacts)
+            ran[name] = open_and_queue_template(page, srv, name, prefer_sd35 if "SD3.5" in name else prefer, artifacts)
         except Exception as e:  # go on: one report for every template (Playwright has its own TimeoutError)
             failed[name] = str(e)[:3000]
             close_dialogs(page)

@@ -227,7 +227,54 @@ def test_templates_are_listed_with_pictures(server, pack):
         picture = Image.open(io.BytesIO(server.get(base + ".jpg")))
         assert picture.format == "JPEG" and picture.size == (256, 256), (name, picture.format, picture.size)
         assert len(set(picture.convert("L").resize((16, 16)).tobytes())) > 8, f"{name}.jpg is a flat placeholder"
-        assert re.fullmatch(r"\d [A-Z][A-Za-z0-9 ,()-]+", name), f"{name!r} does not read as a title"
+        assert re.fullmatch(r"\d [A-Z][A-Za-z0-9 .,()-]+", name), f"{name!r} does not read as a title"
+
+
+# ------------------------------------------------------------------ a flow-model template
+def _saved(server, entry, node_id):
+    import numpy as np
+    img = entry["outputs"][node_id]["images"]
+    return np.stack([np.asarray(Image.open(f"{server.workdir}/output/{i['subfolder']}/{i['filename']}")) for i in img])
+
+
+def test_sd35_template_runs_on_a_flow_checkpoint(server, info, models_tree, reward_tree):
+    """Template 7 on a tiny SD3.5 checkpoint (MMDiT, rectified flow, CLIP-L, 16-channel TAESD) and a
+    LoRA for it, as a user queues it: the Combined KSampler's row equals the base row at k = N and the
+    tuned row at k = 0 (the images, bit for bit), and differs from both at k = N/2. Then the
+    quality–diversity sweep template runs on the same flow model."""
+    steps = 4
+
+    def run(k):
+        prompt = ui_to_api(load_example(EXAMPLES["combined_sd35"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): models_tree["sd35"],
+            ("LoraLoader", "lora_name"): models_tree["sd35_lora"],
+            ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64,
+            ("KSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "steps"): steps,
+            ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): k})
+        entry = server.wait(server.queue(prompt), timeout=600)
+        assert entry["status"]["status_str"] == "success", (entry["status"], server.log_tail())
+        return {row: _saved(server, entry, nid) for row, nid in (("base", "12"), ("combined", "13"), ("tuned", "14"))}
+
+    assert "lora key not loaded" not in server.log_tail(200_000)
+    at_n, at_0, mid = run(steps), run(0), run(steps // 2)
+    assert "lora key not loaded" not in server.log_tail(200_000)
+    assert at_n["base"].shape == (2, 64, 64, 3)
+    assert (at_n["combined"] == at_n["base"]).all() and (at_0["combined"] == at_0["tuned"]).all()
+    assert not (at_n["base"] == at_n["tuned"]).all(), "the LoRA did not change the SD3.5 model"
+    assert not (mid["combined"] == mid["base"]).all() and not (mid["combined"] == mid["tuned"]).all()
+
+    info = server.get("/object_info")  # again: the reward files came after the module's first read
+    sweep = ui_to_api(load_example(EXAMPLES["sweep"]), info, {
+        ("CheckpointLoaderSimple", "ckpt_name"): models_tree["sd35"], ("LoraLoader", "lora_name"): models_tree["sd35_lora"],
+        ("RewardTuneLoadRewardModel", "reward_model"): reward_tree["files"]["pickscore"],
+        ("RewardTuneQualityDiversitySweep", "steps"): steps, ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 2, 4",
+        ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 2,
+        ("RewardTuneQualityDiversitySweep", "width"): 64, ("RewardTuneQualityDiversitySweep", "height"): 64})
+    entry = server.wait(server.queue(sweep), timeout=600)
+    assert entry["status"]["status_str"] == "success", (entry["status"], server.log_tail())
+    texts = " ".join(t for o in entry["outputs"].values() for t in o.get("text", []))
+    for k in (0, 2, 4):
+        assert re.search(rf"\bk\s*=\s*{k}\b", texts), texts[:2000]
 
 
 # ------------------------------------------------------------------ help pages
