@@ -200,3 +200,40 @@ def test_decode_checkpointing_lowers_the_peak_and_the_estimate_follows(tiny):
         peaks[on] = (real, est)
     assert peaks[True][0] < 0.9 * peaks[False][0], peaks
     assert peaks[True][1] < 0.9 * peaks[False][1], peaks
+
+
+def test_an_estimate_made_while_a_job_trains_on_another_thread_is_unchanged(tiny):
+    """The node estimates on its own thread while a background job may be training: the tracker's
+    module and optimizer hooks are process-wide, so it must listen to its own thread only — the
+    estimate is the same bytes as an idle one and the job trains undisturbed."""
+    import threading
+    patcher, vae, reward = tiny
+    cfg = config(objective="refl", batch_size=2)
+    idle = memory.estimate(patcher, vae, reward, cfg).per_kind
+
+    job_model = tm.tiny_model_patcher(seed=5)  # the job's own models, as a background job has
+    job_vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(3).items()})
+    stop, started, outcome = threading.Event(), threading.Event(), {}
+
+    def job():
+        try:
+            steps = 0
+            while not stop.is_set():
+                res = train(job_model, job_vae, reward, config(objective="refl", steps=1, seed=steps),
+                            encode=lambda t: tm.tiny_conditioning(sum(map(ord, t)) % 997), prompts=["a cat"])
+                steps += res.step
+                started.set()
+            outcome["steps"] = steps
+        except BaseException as e:  # noqa: BLE001 - reported to the test's thread
+            outcome["error"] = e
+    thread = threading.Thread(target=job)
+    thread.start()
+    try:
+        assert started.wait(120), outcome  # the job is training (it loops until the estimate is done)
+        busy = memory.estimate(patcher, vae, reward, cfg).per_kind
+    finally:
+        stop.set()
+        thread.join(120)
+    assert "error" not in outcome, outcome
+    assert outcome["steps"] >= 2  # it went on training during the estimate
+    assert busy == idle
