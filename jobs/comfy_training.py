@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import torch
 
@@ -15,7 +16,8 @@ import comfy.model_management as mm
 import comfy.sd
 import comfy.utils
 
-from ..trainers.config import TrainConfig
+from ..trainers import memory
+from ..trainers.config import ConfigError, TrainConfig
 from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
 # the run's fingerprint (part of the job id) is the command line's too: one function for both
 from ..trainers.fingerprint import fingerprint as run_fingerprint, run_identity
@@ -75,6 +77,56 @@ def private_copy(model):
             "don't sample from the same model while it trains")
         return model
     return model.clone(force_deepcopy=True)
+
+
+def memory_budget(config: TrainConfig, device) -> tuple[int | None, str]:
+    """(bytes a run on ``device`` may use, where that number comes from), or (None, why there is
+    no check). ``memory_budget_gb`` wins; else the GPU's total memory as ComfyUI reads it, less
+    ComfyUI's own reserve (``extra_reserved_memory``: the CUDA context, other programs). On the
+    CPU there is no card to fit: no check unless a budget is set."""
+    if config.memory_budget_gb > 0:
+        return int(config.memory_budget_gb * memory.GiB), "memory_budget_gb"
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None, ("not checked: the model runs on the CPU (no card to fit); set memory_budget_gb in "
+                      "config_json to check against a budget")
+    total = mm.get_total_memory(device)
+    return max(total - mm.extra_reserved_memory(), 0), f"{mm.get_torch_device_name(device)}, {memory._gib(total)}"
+
+
+def check_memory(config: TrainConfig, model, vae, reward) -> str:
+    """Refuse, before a job starts, a run whose training step will not fit the device: the step's
+    peak is estimated on fake copies of the models (``trainers.memory``: no memory allocated, once
+    per architecture and memory settings in this process, minutes at real size on the CPU) and
+    compared with ``memory_budget``. Returns the summary's memory line; raises ConfigError saying
+    what to lower."""
+    budget, source = memory_budget(config, getattr(model, "load_device", mm.get_torch_device()))
+    if budget is None:
+        return f"memory: {source}"
+    t0 = time.perf_counter()
+    # the node body runs under inference_mode; the estimate's step needs autograd (on fake tensors)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            est, cached = memory.cached_estimate(model, vae, reward, config)
+    except Exception as e:  # noqa: BLE001 - a model the estimate cannot rebuild must not stop the training
+        import logging
+        logging.getLogger("rewardtune.jobs").warning("RewardTune: memory estimate failed, not checked", exc_info=True)
+        return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})"
+    how = "cached estimate" if cached else f"estimated in {time.perf_counter() - t0:.1f} s"
+    ok, message = memory.fits(est.peak, budget, config)
+    if not ok:
+        raise ConfigError(f"{message}. (Budget: {source}; {how}. The estimate is the step's peak on the CPU "
+                          "under FakeTensorMode; to train anyway, set a larger memory_budget_gb in config_json.)")
+    return f"memory: {message} ({source}; {how})"
+
+
+def private_copy_note(model) -> str:
+    """The summary's line on what the job's private UNet copy costs (see ``private_copy``)."""
+    if getattr(model, "cached_patcher_init", None) is None:
+        return "UNet: shared with the graph (no loader to rebuild a private copy from)"
+    size = memory.module_bytes(model.model.diffusion_model)
+    return (f"UNet: the job trains on a private copy (+{memory._gib(size)} on the device while the graph's model "
+            "is also loaded; ComfyUI unloads the least recently used model when the job needs the room)")
 
 
 def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prompts, images, prompt=None) -> JobSpec:

@@ -225,6 +225,8 @@ class TrainRewardLoRA(io.ComfyNode):
         config.check_inputs(has_prompts=bool(prompt_list), has_images=bool(data),
                             give_prompts="write them in prompts, one per line (or the path of a .txt file)",
                             give_images="set dataset_folder or connect images")
+        # a run that will not fit the card is refused here, before a job exists (nothing to lose)
+        memory_note = comfy_training.check_memory(config, model, vae, reward_model)
         spec = comfy_training.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
                                          prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
         manager = get_manager()
@@ -245,6 +247,7 @@ class TrainRewardLoRA(io.ComfyNode):
         else:
             lora_name, tuned = manager.lora_name(job), model
         text = summary(job, lora_name if job.state == "finished" else None)
+        text += f"\n{memory_note}\n{comfy_training.private_copy_note(model)}"
         if job.state != "finished":
             text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
         return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))

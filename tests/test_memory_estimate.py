@@ -116,3 +116,124 @@ def test_sqdf_trains_with_gradient_checkpointing(tiny):
         assert res.step == 1
         losses[checkpointing] = (res.history[0]["sqdf_loss"], res.history[0]["grad_norm"])
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def _fp64_models():
+    """A fresh tiny UNet and TAESD in float64 (the fixture's stay fp32 for the other tests)."""
+    patcher = tm.tiny_model_patcher(seed=0)
+    base = patcher.model
+    base.to(torch.float64)
+    base.diffusion_model.dtype = torch.float64
+    base.manual_cast_dtype = None
+    vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
+    vae.first_stage_model.to(torch.float64)
+    vae.vae_dtype = torch.float64
+    return patcher, vae
+
+
+def _lora_grads(patcher, vae, reward, cfg, dtype=torch.float32):
+    """The LoRA's gradients of one engine micro-batch (its own setup, sampling context and backward)."""
+    from rewardtune.trainers import engine
+
+    def encode(text):
+        c = tm.tiny_conditioning(sum(map(ord, text)) % 997)
+        return [[c[0][0].to(dtype), c[0][1]]]
+    run = engine._setup(patcher, vae, reward, cfg, encode, ["a cat", "a dog"], None, None)
+    metrics = engine._train_on(run, engine.OBJECTIVES[cfg.objective], engine._draw_prompts(run))
+    return [p.grad.detach().clone() for p in run.lora.parameters() if p.grad is not None], metrics
+
+
+@pytest.mark.parametrize("objective", ["refl", "sqdf"])
+def test_decode_checkpointing_gives_the_same_gradients(tiny, objective):
+    """Per-image decode under checkpointing is the same computation: in float64 the LoRA's
+    gradients agree to 1e-12 (relative to the largest); in float32 the loss agrees to 1e-6 (the
+    batched and single-image convolutions round differently, as a change of thread count does)."""
+    _, _, reward = tiny
+    patcher, vae = _fp64_models()
+    kw = dict(objective=objective, batch_size=3, refl_weight=1.0)
+    if objective == "sqdf":
+        kw.update(steps=1, num_steps=6)
+    grads = {}
+    for on in (False, True):
+        cfg = config(decode_checkpointing=on, **kw)
+        if objective == "sqdf":  # the update's replay pool comes from a collection first
+            run_grads = _sqdf_grads(patcher, vae, reward, cfg, torch.float64)
+        else:
+            run_grads, _ = _lora_grads(patcher, vae, reward, cfg, torch.float64)
+        grads[on] = run_grads
+    scale = max(g.abs().max().item() for g in grads[False])
+    assert scale > 0
+    diff = max((a - b).abs().max().item() for a, b in zip(grads[False], grads[True]))
+    assert diff <= 1e-12 * scale, (diff, scale)
+
+    if objective == "refl":
+        fp32, _, _ = tiny
+        losses = [_lora_grads(fp32, tiny[1], reward, config(decode_checkpointing=on, **kw))[1]["refl_loss"]
+                  for on in (False, True)]
+        assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def _sqdf_grads(patcher, vae, reward, cfg, dtype):
+    from rewardtune.trainers import engine
+
+    def encode(text):
+        c = tm.tiny_conditioning(sum(map(ord, text)) % 997)
+        return [[c[0][0].to(dtype), c[0][1]]]
+    run = engine._setup(patcher, vae, reward, cfg, encode, ["a cat", "a dog"], None, None)
+    objective = engine.OBJECTIVES["sqdf"]
+    objective.prepare(run)
+    engine._train_on(run, objective, objective.draw(run))
+    return [p.grad.detach().clone() for p in run.lora.parameters() if p.grad is not None]
+
+
+def test_decode_checkpointing_lowers_the_peak_and_the_estimate_follows(tiny):
+    """At batch 4 the decode's activations are the step's largest part: decoding one image at a
+    time under checkpointing lowers the measured peak of the real step (CPU, MemTracker), and the
+    estimate models the same choice (within 10 % of each measurement)."""
+    patcher, vae, reward = tiny
+    peaks = {}
+    for on in (False, True):
+        cfg = config(objective="refl", batch_size=4, width=128, height=128, decode_checkpointing=on)
+        real, parts = memory.measure_peak_bytes(patcher, vae, reward, cfg, "refl")
+        est = memory.estimate(patcher, vae, reward, cfg).per_kind["refl"]
+        assert abs(est / real - 1) < 0.10, (on, est, real, parts)
+        peaks[on] = (real, est)
+    assert peaks[True][0] < 0.9 * peaks[False][0], peaks
+    assert peaks[True][1] < 0.9 * peaks[False][1], peaks
+
+
+def test_an_estimate_made_while_a_job_trains_on_another_thread_is_unchanged(tiny):
+    """The node estimates on its own thread while a background job may be training: the tracker's
+    module and optimizer hooks are process-wide, so it must listen to its own thread only — the
+    estimate is the same bytes as an idle one and the job trains undisturbed."""
+    import threading
+    patcher, vae, reward = tiny
+    cfg = config(objective="refl", batch_size=2)
+    idle = memory.estimate(patcher, vae, reward, cfg).per_kind
+
+    job_model = tm.tiny_model_patcher(seed=5)  # the job's own models, as a background job has
+    job_vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(3).items()})
+    stop, started, outcome = threading.Event(), threading.Event(), {}
+
+    def job():
+        try:
+            steps = 0
+            while not stop.is_set():
+                res = train(job_model, job_vae, reward, config(objective="refl", steps=1, seed=steps),
+                            encode=lambda t: tm.tiny_conditioning(sum(map(ord, t)) % 997), prompts=["a cat"])
+                steps += res.step
+                started.set()
+            outcome["steps"] = steps
+        except BaseException as e:  # noqa: BLE001 - reported to the test's thread
+            outcome["error"] = e
+    thread = threading.Thread(target=job)
+    thread.start()
+    try:
+        assert started.wait(120), outcome  # the job is training (it loops until the estimate is done)
+        busy = memory.estimate(patcher, vae, reward, cfg).per_kind
+    finally:
+        stop.set()
+        thread.join(120)
+    assert "error" not in outcome, outcome
+    assert outcome["steps"] >= 2  # it went on training during the estimate
+    assert busy == idle

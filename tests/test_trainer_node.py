@@ -723,3 +723,51 @@ def test_the_node_trains_sqdf_with_and_without_a_consistency_model(trainer_serve
         text = "".join(t for out in entry["outputs"].values() for t in out.get("text", []))
         expected = "no LCM-LoRA given" if lcm == "(none)" else f"consistency model {lcm}"
         assert expected in text, text
+
+
+def test_the_node_refuses_a_run_that_will_not_fit_before_a_job_exists_and_caches_the_estimate(
+        trainer_server, models_tree, reward_tree):
+    """The step's peak is estimated (FakeTensorMode) where the node checks its config, before the
+    job is submitted: a deliberately tiny memory budget is refused with what to lower and leaves
+    no job; a sufficient budget trains, with the estimate from the cache (same models and memory
+    settings); with no budget on the CPU there is nothing to check."""
+    srv = trainer_server
+    before = {j["id"] for j in jobs(srv)}
+    settings = {**SMALL, "batch_size": 2, "decode_checkpointing": False}
+    jobs_root = os.path.join(srv.workdir, "output", "rewardtune", "jobs")
+    folders = set(os.listdir(jobs_root)) if os.path.isdir(jobs_root) else set()
+
+    tiny = train_prompt(models_tree, reward_tree, name="fits", mode="wait", steps=1,
+                        extra={**settings, "memory_budget_gb": 0.001})
+    entry = srv.wait(srv.queue(tiny), timeout=300)
+    assert entry["status"]["status_str"] == "error"
+    (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert err["node_type"] == "RewardTuneTrainLoRA" and err["exception_type"].endswith("ConfigError"), err
+    msg = err["exception_message"]
+    assert "this run will not fit" in msg and "Traceback" not in msg
+    for what in ("turn on gradient_checkpointing", "turn on decode_checkpointing", "lower batch_size (now 2"):
+        assert what in msg, msg
+    assert "the device has 0.0 GiB" in msg and "memory_budget_gb" in msg and "estimated in" in msg, msg
+    needed = float(re.search(r"needs about ([0-9.]+) GiB", msg).group(1))
+    assert 0 < needed < 4, msg  # the tiny SD1.5 (25.8M UNet) at 64×64: a fraction of a GiB
+    # refused before the job: no job listed, no job folder written
+    assert {j["id"] for j in jobs(srv)} == before
+    assert (set(os.listdir(jobs_root)) if os.path.isdir(jobs_root) else set()) == folders
+
+    # the same models and memory settings with room to spare: trains; the estimate is the cached one
+    ok = train_prompt(models_tree, reward_tree, name="fits", mode="wait", steps=1,
+                      extra={**settings, "memory_budget_gb": 64})
+    entry = srv.wait(srv.queue(ok), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    text = history_text(entry)
+    assert "state finished" in text or ": finished at step 1/1" in text, text
+    line = next(t for t in text.splitlines() if t.startswith("memory: "))
+    assert "fits the 64.0 GiB available" in line and "(memory_budget_gb; cached estimate)" in line, line
+    assert "UNet: the job trains on a private copy (+" in text, text
+    assert len([j for j in jobs(srv) if j["id"] not in before and j["name"] == "fits"]) == 1
+
+    # no budget, on the CPU: not checked (and said so)
+    plain = train_prompt(models_tree, reward_tree, name="fits-cpu", mode="wait", steps=1)
+    entry = srv.wait(srv.queue(plain), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "memory: not checked: the model runs on the CPU" in history_text(entry)

@@ -93,6 +93,12 @@ class TrainConfig:
     precision: str = setting("fp32", "fp32, bf16 (recent GPUs) or fp16 (with loss scaling)")
     grad_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass: much less "
                                               "memory, ~30% slower")
+    decode_checkpointing: bool = setting(True, "decode the images for the reward one at a time, recomputing the "
+                                               "VAE decoder's activations in the backward pass: the decode's memory "
+                                               "is one image's instead of the batch's (same gradients, a little slower)")
+    memory_budget_gb: float = setting(0.0, "device memory (GiB) the run must fit: the trainer node estimates a "
+                                           "step's peak and refuses a run above it before it starts; 0 = the "
+                                           "GPU's own memory (no check on the CPU)")
     width: int = setting(512, "training width in pixels (ImageReFL: aspect buckets of about width × height)")
     height: int = setting(512, "training height in pixels")
     save_every: int = setting(100, "checkpoint every n optimizer steps, and at the end (a resumed run may "
@@ -174,6 +180,8 @@ class TrainConfig:
                      f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
             need(self.sqdf_buffer >= self.sqdf_collect,
                  f"the replay buffer ({self.sqdf_buffer}) must hold at least one step's trajectories ({self.sqdf_collect})")
+        need(math.isfinite(self.memory_budget_gb) and self.memory_budget_gb >= 0,
+             f"memory_budget_gb must be ≥ 0 (0 = the GPU's own memory), got {self.memory_budget_gb!r}")
         need(self.width % 8 == 0 and self.height % 8 == 0 and self.width >= 8 and self.height >= 8,
              "width and height must be multiples of 8")
         return self
@@ -192,7 +200,8 @@ class TrainConfig:
 
 
 # settings a resumed run may change: how long it runs and how often it saves
-RESUMABLE_CHANGES = ("steps", "save_every")
+# (memory_budget_gb only decides whether the run may start, not what it trains)
+RESUMABLE_CHANGES = ("steps", "save_every", "memory_budget_gb")
 
 
 def resume_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:

@@ -83,17 +83,29 @@ class StepSampler(comfy.samplers.Sampler):
         return latent_image
 
 
-def make_decoder(vae, latent_format):
+def make_decoder(vae, latent_format, per_image: bool = False):
     """x0 in the sampler's latent space → images in [0, 1] (BCHW) with gradients through the
     frozen VAE. Not ``VAE.decode``: it clamps in place, reloads the model, and may fall back to
-    tiled decoding without a graph."""
+    tiled decoding without a graph.
+
+    ``per_image`` (TrainConfig.decode_checkpointing): with gradients, each image is decoded on its
+    own under activation checkpointing, so the backward pass holds one image's decoder activations
+    at a time (recomputed) instead of the whole batch's — the largest part of a ReFL step's peak.
+    Without gradients (sampling, SQDF collection) the batch is decoded at once either way."""
+    import torch.utils.checkpoint
     first_stage = vae.first_stage_model
     first_stage.requires_grad_(False)
 
-    def decode(x0):
+    def decode_batch(x0):
         z = latent_format.process_out(x0).to(vae.vae_dtype)
         img = first_stage.decode(z).float()
         return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def decode(x0):
+        if not (per_image and torch.is_grad_enabled() and x0.requires_grad):
+            return decode_batch(x0)
+        return torch.cat([torch.utils.checkpoint.checkpoint(decode_batch, x0[i:i + 1], use_reentrant=False)
+                          for i in range(x0.shape[0])])
     return decode
 
 
@@ -197,7 +209,8 @@ def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out
                generator=generator,
                sigmas=comfy.samplers.calculate_sigmas(tuned.model.model_sampling, "ddim_uniform",
                                                       config.num_steps).cpu(),
-               decode_images=make_decoder(vae, tuned.model.latent_format), encode=encode, prompts=prompts or [],
+               decode_images=make_decoder(vae, tuned.model.latent_format, config.decode_checkpointing),
+               encode=encode, prompts=prompts or [],
                batches=_image_batches(vae, images, config.batch_size, generator),
                replay=ReplayBuffer(config.sqdf_buffer, config.sqdf_window) if config.objective == "sqdf" else None,
                consistency=_consistency_model(tuned, config),

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -115,10 +116,42 @@ def _tracker():
     afresh, as ``reset_mod_stats`` would; the device totals and the peak are unaffected. Per-module
     peaks are not kept (the tracker updates every active module's peak after every op, which took
     ~65 % of an estimate's time); the device peak and its breakdown are updated exactly as PyTorch
-    does. (Overrides three private methods of torch 2.x's tracker; the rest is PyTorch's.)"""
+    does. Module and optimizer hooks are process-wide: the tracker listens only to the thread that
+    made it, so a training job on another thread (the node estimates while a background job
+    trains) neither shows up in the estimate nor gets the tracker's hooks. (Overrides private
+    methods of torch 2.x's tracker; the rest is PyTorch's.)"""
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed._tools.mod_tracker import ModTracker
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    owner = threading.get_ident()
+
+    class ThisThreadModTracker(ModTracker):
+        def _fw_pre_hook(self, mod, input):
+            if threading.get_ident() == owner:
+                return super()._fw_pre_hook(mod, input)
+
+        def _fw_post_hook(self, mod, input, output):
+            if threading.get_ident() == owner:
+                return super()._fw_post_hook(mod, input, output)
 
     class StepMemTracker(MemTracker):
+        def __init__(self):
+            super().__init__()
+            self._mod_tracker = ThisThreadModTracker()
+
+        def _register_global_optimizer_hook(self):
+            def pre(optimizer, args, kwargs):
+                if threading.get_ident() == owner:
+                    self._in_opt = True
+
+            def post(optimizer, args, kwargs):
+                if threading.get_ident() == owner:
+                    self._track_optimizer_states(self._ref_class.OPT, optimizer)
+                    self._in_opt = False
+            self._optimizer_hook_handles = (register_optimizer_step_pre_hook(pre),
+                                            register_optimizer_step_post_hook(post))
+
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             trains = any(p.requires_grad for p in module.parameters())
             return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
@@ -217,14 +250,14 @@ class CompositeStep:
     ``denoise_steps``: how many no-grad DDPM steps run before the gradient step (None: as the
     config's schedule does; the estimate runs one, the peak is the same). ``decode_per_image``: the
     decode with gradients one image at a time under activation checkpointing (only one image's
-    decoder activations alive in the backward pass) instead of the engine's one batched decode —
-    what that change to the engine would save."""
+    decoder activations alive in the backward pass) instead of one batched decode, as the engine's
+    ``make_decoder`` does with ``decode_checkpointing`` (None: the config's setting)."""
 
     def __init__(self, work: Workload, cfg: TrainConfig, device, denoise_steps: int | None = None,
                  batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0,
-                 decode_per_image: bool = False):
+                 decode_per_image: bool | None = None):
         self.w, self.cfg, self.device = work, cfg, torch.device(device)
-        self.decode_per_image = decode_per_image
+        self.decode_per_image = cfg.decode_checkpointing if decode_per_image is None else decode_per_image
         self.B = batch_size or cfg.batch_size
         self.denoise_steps = denoise_steps
         self.gen = torch.Generator().manual_seed(seed)
@@ -324,7 +357,7 @@ class CompositeStep:
         return x
 
     def decode(self, x0):
-        if self.decode_per_image and torch.is_grad_enabled():
+        if self.decode_per_image and torch.is_grad_enabled() and x0.requires_grad:
             return torch.cat([torch.utils.checkpoint.checkpoint(self._decode, x0[i:i + 1], use_reentrant=False)
                               for i in range(x0.shape[0])])
         return self._decode(x0)
@@ -455,11 +488,11 @@ class Estimate:
 
 
 def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
-             kinds: list[str] | None = None, decode_per_image: bool = False) -> Estimate:
+             kinds: list[str] | None = None, decode_per_image: bool | None = None) -> Estimate:
     """The peak of each step kind of ``config`` on fake copies of ``model``, ``vae``, ``reward``
     (no memory allocated; seconds for a tiny model, 1–2 minutes per kind for SD1.5 on a busy
-    2-core CPU). ``decode_per_image``: as if the engine decoded one image at a time with
-    checkpointing (see CompositeStep). See the module doc."""
+    2-core CPU). ``decode_per_image``: the decode one image at a time with checkpointing (see
+    CompositeStep); None: as the config's ``decode_checkpointing``. See the module doc."""
     cfg = config.validate()
     out, parts = {}, {}
     for kind in kinds or objective_kinds(cfg):
@@ -470,6 +503,58 @@ def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
                                  decode_per_image=decode_per_image)
             out[kind], parts[kind] = step.tracked(kind)
     return Estimate(out, parts)
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (what one more copy of it costs)."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+#: the settings a step's peak depends on: with the models' architectures, the key of ``cached_estimate``
+MEMORY_FIELDS = ("objective", "refl_every", "batch_size", "sqdf_collect", "width", "height", "rank", "targets",
+                 "precision", "grad_checkpointing", "decode_checkpointing")
+_CACHE: dict[tuple, Estimate] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def architecture(module) -> str:
+    """A digest of what the estimate reads from a module: its class and every parameter's and
+    buffer's name, shape and dtype (not the values: two checkpoints of one architecture share it)."""
+    import hashlib
+    if not isinstance(module, torch.nn.Module):
+        return f"callable:{id(module)}"  # a plain function: nothing to read its size from
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+    return h.hexdigest()[:16]
+
+
+def estimate_key(model, vae, reward, config: TrainConfig) -> tuple:
+    """What an estimate depends on: the UNet's, VAE's and reward model's architectures and the
+    ``MEMORY_FIELDS`` of the config (not the weights' values, the learning rate, the steps…)."""
+    base = getattr(model, "model", model)
+    first_stage = getattr(vae, "first_stage_model", vae)
+    reward_module = getattr(reward, "model", reward) if isinstance(getattr(reward, "model", None), torch.nn.Module) \
+        else reward
+    settings = tuple((f, tuple(v) if isinstance(v, list) else v)
+                     for f in MEMORY_FIELDS for v in [getattr(config, f)])
+    return (architecture(base.diffusion_model), architecture(first_stage), str(getattr(vae, "vae_dtype", "")),
+            architecture(reward_module), settings)
+
+
+def cached_estimate(model, vae, reward, config: TrainConfig) -> tuple[Estimate, bool]:
+    """``estimate`` once per (architecture, memory settings) in this process: (the estimate, whether
+    it came from the cache). A real-size estimate takes minutes on the CPU; queueing the same
+    models and settings again (more steps, another learning rate or seed, another checkpoint of
+    the same base) costs nothing."""
+    key = estimate_key(model, vae, reward, config)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key], True
+    est = estimate(model, vae, reward, config)
+    with _CACHE_LOCK:
+        _CACHE[key] = est
+    return est, False
 
 
 def estimate_peak_bytes(model, vae, reward, config: TrainConfig, *, device: str = "cpu") -> int:
@@ -518,11 +603,14 @@ def fits(estimate_bytes: int, budget_bytes: int, config: TrainConfig | None = No
                       f"{_gib(need)}) fits the {_gib(budget_bytes)} available")
     steps = []
     if config is None:
-        steps = ["turn on gradient_checkpointing", "lower batch_size", "lower width/height",
+        steps = ["turn on gradient_checkpointing", "turn on decode_checkpointing", "lower batch_size",
+                 "lower width/height",
                  "use bf16 precision", "lower the LoRA rank"]
     else:
         if not config.grad_checkpointing:
             steps.append("turn on gradient_checkpointing")
+        if not config.decode_checkpointing and config.batch_size > 1:
+            steps.append("turn on decode_checkpointing")
         if config.batch_size > 1:
             steps.append(f"lower batch_size (now {config.batch_size}; raise grad_accum to keep the "
                          "effective batch)")
@@ -565,6 +653,8 @@ def _changes(cfg: TrainConfig):
     singles = []
     if not cfg.grad_checkpointing:
         singles.append(({"grad_checkpointing": True}, "turn on gradient_checkpointing"))
+    if not cfg.decode_checkpointing and cfg.batch_size > 1:
+        singles.append(({"decode_checkpointing": True}, "turn on decode_checkpointing"))
     b = cfg.batch_size
     while b > 1:
         b //= 2
