@@ -229,9 +229,9 @@ def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = Fa
             print(f"estimate {model} {kind}: {est.per_kind[kind] / GiB:.2f} GiB "
                   f"({time.perf_counter() - t0:.0f} s on the CPU)", flush=True)
             if per_image and kind != "sqdf_collect":
-                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_per_image=True)
-                out[(model, kind)]["per_image_decode_bytes"] = alt.per_kind[kind]
-                print(f"estimate {model} {kind}, decode per image with checkpointing: "
+                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_per_image=False)
+                out[(model, kind)]["batched_decode_bytes"] = alt.per_kind[kind]
+                print(f"estimate {model} {kind}, the batch decoded at once (decode_checkpointing off): "
                       f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
         del base, vae, reward
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -358,9 +358,9 @@ def main():
     ap.add_argument("--reduced", action="store_true", help="small models (CPU): shows the benchmark works")
     ap.add_argument("--estimate-only", action="store_true", help="only the CPU estimate (real size unless --reduced)")
     ap.add_argument("--no-estimate", action="store_true")
-    ap.add_argument("--per-image-decode", action="store_true",
-                    help="also estimate a decode with gradients one image at a time with checkpointing (not what "
-                         "the engine does yet: what it would save)")
+    ap.add_argument("--batched-decode", action="store_true",
+                    help="also estimate the step with the batch decoded at once (decode_checkpointing off; the "
+                         "engine decodes one image at a time with checkpointing by default): what that saves")
     ap.add_argument("--models", default=None, help="sd15,sdxl (default; --reduced: sd15 only, the reduced SDXL "
                                                     "UNet is 10× larger and slow on a CPU)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="objectives: " + ", ".join(KINDS))
@@ -386,7 +386,7 @@ def main():
     t_all = time.perf_counter()
     result = {"device": a.device, "reduced": a.reduced, "models": models, "kinds": a.kinds}
     est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16",
-                                                   a.per_image_decode)
+                                                   a.batched_decode)
     runs = {}
     if not a.estimate_only:
         for model in models:
@@ -396,8 +396,8 @@ def main():
     size = "reduced" if a.reduced else "real size"
     print(f"\n{size}, device {a.device}, LoRA rank 8, {'fp32' if a.reduced else 'bf16'}, gradient checkpointing; "
           f"GiB = 2^30 bytes")
-    per_image = any("per_image_decode_bytes" in v for v in est.values())
-    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + (f" {'per-image':>9s}" if per_image else "")
+    per_image = any("batched_decode_bytes" in v for v in est.values())
+    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + (f" {'batched':>9s}" if per_image else "")
     if runs:
         head += f" {'engine s':>9s} {'bare s':>8s} {'e/b':>5s} {'engine GiB':>10s} {'bare GiB':>9s} {'est/engine':>10s}"
         if a.compile:
@@ -412,8 +412,8 @@ def main():
             row = dict(model=model, kind=kind, estimate_bytes=e)
             line = f"{model:6s} {kind:13s} {(e / GiB if e else float('nan')):9.2f}"
             if per_image:
-                pi = est.get((model, kind), {}).get("per_image_decode_bytes")
-                row["per_image_decode_bytes"] = pi
+                pi = est.get((model, kind), {}).get("batched_decode_bytes")
+                row["batched_decode_bytes"] = pi
                 line += f" {(pi / GiB if pi else float('nan')):9.2f}"
             if runs:
                 eng, bare = runs[model]["engine"].get(kind, {}), runs[model]["composite"].get(kind, {})
