@@ -14,6 +14,10 @@ Reading order: ``train`` at the bottom is the loop; ``_setup`` and ``_restore`` 
 the run's state (``_Run``); ``OBJECTIVES`` says, per objective, how a micro-batch is drawn and
 which ``step(ctx, batch, reward, config)`` turns it into a loss; ``_train_on`` runs one inside
 ComfyUI's sampling context and back-propagates it; ``_optimizer_step`` clips and steps.
+
+Under torchrun (``world=``, see distributed.py) the same loop runs in every process: each keeps its
+rows of the global batch's random draws, the LoRA gradients are averaged before the optimizer step,
+and rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -219,6 +223,10 @@ def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out
     server a foreground sampler on another thread seeds and draws from that one meanwhile. Under
     torchrun every process seeds it alike and keeps its rows of each draw (distributed.py)."""
     config.check_inputs(has_prompts=bool(prompts), has_images=bool(images))
+    if config.objective == "sqdf" and config.sqdf_buffer < world.size * config.sqdf_collect:
+        raise TrainingError(f"the replay buffer ({config.sqdf_buffer}) must hold one step's trajectories of all "
+                            f"{world.size} processes ({world.size} × sqdf_collect {config.sqdf_collect}): raise "
+                            "sqdf_buffer (sqdf_collect is per process, the buffer is shared)")
     generator = torch.Generator().manual_seed(config.seed)
     tuned = model.clone()
     tuned.model.requires_grad_(False)
