@@ -36,6 +36,7 @@ The design, in one place (the engine follows it):
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,9 @@ from torch.overrides import TorchFunctionMode
 # --max-restarts can show the restarted run finishing. Used by tests/test_distributed.py.
 TEST_EXIT_ENV = "REWARDTUNE_TEST_EXIT_AT_STEP"
 TEST_EXIT_CODE = 17
+# How long a process waits for the others (joining the group, then each collective), in seconds;
+# unset: PyTorch's default (10 minutes for nccl, 30 for gloo).
+TIMEOUT_ENV = "REWARDTUNE_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,10 @@ def init_process_group(world: World, use_gpu: bool) -> str | None:
     backend = "nccl" if use_gpu else "gloo"
     if use_gpu:
         torch.cuda.set_device(world.local_rank)
+    timeout = os.environ.get(TIMEOUT_ENV)
     if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=torch.device("cuda", world.local_rank) if use_gpu else None)
+        dist.init_process_group(backend, device_id=torch.device("cuda", world.local_rank) if use_gpu else None,
+                                timeout=datetime.timedelta(seconds=float(timeout)) if timeout else None)
     return backend
 
 
