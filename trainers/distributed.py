@@ -103,10 +103,24 @@ def init_process_group(world: World, use_gpu: bool) -> str | None:
     backend = "nccl" if use_gpu else "gloo"
     if use_gpu:
         torch.cuda.set_device(world.local_rank)
-    timeout = os.environ.get(TIMEOUT_ENV)
-    if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=torch.device("cuda", world.local_rank) if use_gpu else None,
-                                timeout=datetime.timedelta(seconds=float(timeout)) if timeout else None)
+    if dist.is_initialized():
+        return backend
+    seconds = os.environ.get(TIMEOUT_ENV)
+    timeout = datetime.timedelta(seconds=float(seconds)) if seconds else None
+    device = torch.device("cuda", world.local_rank) if use_gpu else None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store for all attempts of a run. Its keys from an attempt whose
+        # processes died (the ranks' gloo addresses) are read again by the restarted processes, which
+        # then connect to dead ports and hang in connectFullMesh (seen with torch 2.14 + gloo, about one
+        # restart in three). A prefix per attempt gives each attempt keys of its own.
+        base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timeout or datetime.timedelta(minutes=5))
+        store = dist.PrefixStore(f"rewardtune/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/attempt_{restart_count()}",
+                                 base)
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=timeout,
+                                device_id=device)
+    else:  # launched another way: MASTER_ADDR/MASTER_PORT (env://)
+        dist.init_process_group(backend, device_id=device, timeout=timeout)
     return backend
 
 
