@@ -376,8 +376,11 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
                            encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)),
                            prompts=prompts, images=images, out_dir=args.out, resume=ckpt if resume else None,
                            should_stop=stop.is_set, on_step=on_step, world=world)
-    except torch.distributed.DistError as e:  # another process of the run died: say so, keep the checkpoint
-        if not world.distributed:
+    except (torch.distributed.DistError, RuntimeError) as e:  # another process of the run died: say so
+        # gloo reports a lost peer as a plain RuntimeError from its transport ("Connection reset by peer")
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            s in str(e) for s in ("by peer", "gloo/transport", "NCCL", "Connection refused"))
+        if not (world.distributed and lost):
             raise
         last = f"step {_checkpoint_step(ckpt)}" if os.path.exists(ckpt) else "none yet"
         print(f"error: rank {world.rank} lost the other processes of the run ({_one_line(e)[:200]}): one of them "
