@@ -18,10 +18,23 @@ fingerprints were stored resumes with a warning. metrics.jsonl holds each step o
 kills and resumes came before: a resume rewrites it from the checkpoint, a fresh run starts it anew.
 Bad input is one "error: ..." line on stderr and exit status 2; Ctrl-C before training starts
 exits with 130.
+
+Several GPUs (or CPU processes): the same command under PyTorch's launcher trains data-parallel,
+``--batch-size`` per process (the global batch is processes × it), rank 0 writing the files::
+
+    torchrun --standalone --nproc_per_node 4 scripts/train.py --checkpoint … --out runs/hps --auto-resume
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 scripts/train.py …
+
+(trainers/distributed.py: how the batch and the random draws are split, why N processes with batch b
+train what one process with batch N·b trains.) ``--auto-resume`` continues the checkpoint in --out
+when there is one and starts the run when there is none, so torchrun's ``--max-restarts`` restarts a
+run whose process died from its last checkpoint. A checkpoint resumes only on as many processes as
+wrote it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -67,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-bucketing", action="store_true", help="resize every image to width × height")
     ap.add_argument("--out", required=True, help="the run folder: checkpoint.pt, lora.safetensors, metrics.jsonl")
     ap.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    ap.add_argument("--auto-resume", action="store_true",
+                    help="continue the checkpoint in --out if there is one, else start the run there (for torchrun "
+                         "--max-restarts: a restarted run continues from its last checkpoint)")
     ap.add_argument("--preset", help="a paper preset, the starting point (trainers/presets.py): " + "; ".join(PRESETS))
     ap.add_argument("--config", help="a JSON object of settings (e.g. a run's config.json): overrides the preset; "
                                      "the options below override it")
@@ -206,10 +222,11 @@ def _checkpoint_step(path: str):
         return "?"
 
 
-def _check_fingerprint(out: str, identity: dict, resume: bool) -> None:
+def _check_fingerprint(out: str, identity: dict, resume: bool, write: bool = True) -> None:
     """--resume: the run's stored fingerprint must match these inputs (refused, naming what
     differs). A run of an earlier version has none: it resumes with a warning. Either way the
-    fingerprint of these inputs is stored for the next resume."""
+    fingerprint of these inputs is stored for the next resume (``write``: torchrun's rank 0 only;
+    the others only check)."""
     from .fingerprint import differences, record
     path = os.path.join(out, FINGERPRINT)
     if resume and os.path.exists(path):
@@ -225,11 +242,12 @@ def _check_fingerprint(out: str, identity: dict, resume: bool) -> None:
         if diff:
             raise ConfigError(f"--resume: {out} was trained with other inputs: {', '.join(diff)} differ. Give the "
                               "ones it was started with, or start a new run with another --out")
-    elif resume:
+    elif resume and write:
         print(f"warning: {out} was started by an older version that stored no fingerprint, so its models, "
               "prompts and images cannot be checked: resuming with the ones given now (recorded from now on)",
               file=sys.stderr, flush=True)
-    _write_text(path, json.dumps(record(identity), indent=1))
+    if write:
+        _write_text(path, json.dumps(record(identity), indent=1))
 
 
 def _reset_metrics(out: str, history: list[dict] | None) -> None:
@@ -250,11 +268,12 @@ def _import_comfy(comfy_dir: str, cpu: bool) -> None:
     comfy_args.cpu = cpu
 
 
-def _saved_checkpoint(ckpt: str, config: TrainConfig, out: str) -> dict:
+def _saved_checkpoint(ckpt: str, config: TrainConfig, out: str, world) -> dict:
     """The checkpoint a --resume continues (tensors mapped, not read), refused when it was trained
-    with other settings than ``config``."""
-    from .engine import load_checkpoint
+    with other settings than ``config`` or by another number of processes."""
+    from .engine import check_world_size, load_checkpoint
     saved = load_checkpoint(ckpt, mmap=True)
+    check_world_size(saved, world, config.batch_size)
     diff = resume_differences(TrainConfig.from_json(saved["config"]), config)
     if diff:
         raise ConfigError("the checkpoint was trained with other settings (" + "; ".join(diff) +
@@ -267,10 +286,11 @@ def _run(args: argparse.Namespace) -> int:
     comfy_dir = find_comfyui(args.comfyui)
     from .data import load_examples, parse_prompts
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(ckpt) and not args.resume:
+    resume = args.resume or (args.auto_resume and os.path.exists(ckpt))
+    if os.path.exists(ckpt) and not resume:
         raise ConfigError(f"{args.out} already holds a run (checkpoint at step {_checkpoint_step(ckpt)}): "
                           "pass --resume to continue it, or choose another --out")
-    if args.resume and not os.path.exists(ckpt):
+    if resume and not os.path.exists(ckpt):
         raise ConfigError(f"--resume: there is no checkpoint in {args.out}")
     prompts = parse_prompts(args.prompts) if args.prompts else None
     images = load_examples(args.data, config.width, config.height, not args.no_bucketing) if args.data else None
@@ -278,11 +298,38 @@ def _run(args: argparse.Namespace) -> int:
                         give_prompts="pass --prompts (a .txt file, or the prompts themselves, one per line)",
                         give_images="pass --data, a folder of images with same-named .txt captions")
 
+    from . import distributed
+    world = distributed.from_environment()
+    if world.distributed:
+        import torch
+        backend = distributed.init_process_group(world, use_gpu=not args.cpu and torch.cuda.is_available())
+        if world.is_main:
+            print(f"torchrun: {world.size} processes ({backend}), global batch {world.size} × {config.batch_size}",
+                  flush=True)
+    try:
+        return _train(args, config, comfy_dir, ckpt, resume, prompts, images, world)
+    finally:
+        distributed.destroy_process_group()
+
+
+def _test_exit_step(world) -> int | None:
+    """The step after which this rank exits hard, if the test hook (distributed.TEST_EXIT_ENV,
+    "RANK:STEP") names it, on the first attempt only."""
+    from .distributed import TEST_EXIT_ENV, restart_count
+    spec = os.environ.get(TEST_EXIT_ENV, "")
+    if not spec or restart_count() > 0:
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+    return step if rank == world.rank else None
+
+
+def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int:
+    import torch.distributed
     _import_comfy(comfy_dir, args.cpu)
     from .engine import reward_from_model, train
     from .fingerprint import run_identity
     _check_interrupt()
-    saved = _saved_checkpoint(ckpt, config, args.out) if args.resume else None
+    saved = _saved_checkpoint(ckpt, config, args.out, world) if resume else None
 
     import comfy.model_management as mm
     from ..rewards import load_reward_model
@@ -299,22 +346,48 @@ def _run(args: argparse.Namespace) -> int:
     _check_interrupt()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step …", flush=True), stop.set()))
-    os.makedirs(args.out, exist_ok=True)
-    _check_fingerprint(args.out, identity, args.resume)
-    _write_text(os.path.join(args.out, "config.json"), config.to_json())
-    _reset_metrics(args.out, json.loads(saved["history"]) if saved is not None else None)
-    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8")
+    main = world.is_main  # torchrun: rank 0 writes the run's files, every rank checks the inputs
+    if main:
+        os.makedirs(args.out, exist_ok=True)
+    _check_fingerprint(args.out, identity, resume, write=main)
+    if main:
+        _write_text(os.path.join(args.out, "config.json"), config.to_json())
+        _reset_metrics(args.out, json.loads(saved["history"]) if saved is not None else None)
+    metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8") if main \
+        else contextlib.nullcontext()
+    exit_at = _test_exit_step(world)
 
     def on_step(m: dict) -> None:
+        if m["step"] == exit_at:  # the test hook: a crash of this rank right after the step
+            from .distributed import TEST_EXIT_CODE, TEST_EXIT_ENV
+            print(f"{TEST_EXIT_ENV}: rank {world.rank} exits after step {exit_at} (a test hook)", file=sys.stderr,
+                  flush=True)
+            os._exit(TEST_EXIT_CODE)
+        if not main:
+            return
         metrics_file.write(json.dumps(m) + "\n")
         metrics_file.flush()
         print(f"step {m['step']}/{config.steps}  reward {m['reward']:+.4f}  grad {m['grad_norm']:.3g}  "
               f"{m['seconds']:.2f}s", flush=True)
 
-    with metrics_file:
-        result = train(model, vae, reward, config, encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)),
-                       prompts=prompts, images=images, out_dir=args.out, resume=ckpt if args.resume else None,
-                       should_stop=stop.is_set, on_step=on_step)
-    state = "stopped at" if result.stopped else "finished"
-    print(f"{state} step {result.step}: LoRA {result.lora_path}, checkpoint {ckpt}")
+    try:
+        with metrics_file:
+            result = train(model, vae, reward, config,
+                           encode=lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t)),
+                           prompts=prompts, images=images, out_dir=args.out, resume=ckpt if resume else None,
+                           should_stop=stop.is_set, on_step=on_step, world=world)
+    except (torch.distributed.DistError, RuntimeError) as e:  # another process of the run died: say so
+        # gloo reports a lost peer as a plain RuntimeError from its transport ("Connection reset by peer")
+        lost = isinstance(e, torch.distributed.DistError) or any(
+            s in str(e) for s in ("by peer", "gloo/transport", "NCCL", "Connection refused"))
+        if not (world.distributed and lost):
+            raise
+        last = f"step {_checkpoint_step(ckpt)}" if os.path.exists(ckpt) else "none yet"
+        print(f"error: rank {world.rank} lost the other processes of the run ({_one_line(e)[:200]}): one of them "
+              f"stopped or was killed (its own error is above). The last checkpoint ({last}) in {args.out} is "
+              "intact: run the same command with --auto-resume to continue it", file=sys.stderr, flush=True)
+        return 1
+    if main:
+        state = "stopped at" if result.stopped else "finished"
+        print(f"{state} step {result.step}: LoRA {result.lora_path}, checkpoint {ckpt}")
     return 0

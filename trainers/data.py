@@ -235,9 +235,18 @@ def parse_prompts(text_or_path: str, roots: Sequence[str] | None = None) -> list
 # ------------------------------------------------------------------------------ sampling
 class BatchSampler:
     """Batches drawn with replacement from one bucket at a time, the bucket picked with probability
-    proportional to its size. All randomness comes from ``generator``, so its state checkpoints it."""
+    proportional to its size. All randomness comes from ``generator``, so its state checkpoints it.
 
-    def __init__(self, buckets: dict[tuple[int, int], list[Example]], batch_size: int, generator: torch.Generator):
+    Several processes (torchrun, ``world_size`` > 1): every process holds the same generator and
+    draws the global batch, world_size × batch_size picks from one bucket, and keeps rows
+    rank·batch_size … of it: the processes' batches never overlap (disjoint rows of one draw) and
+    together are what one process with the global batch draws."""
+
+    def __init__(self, buckets: dict[tuple[int, int], list[Example]], batch_size: int, generator: torch.Generator,
+                 world_size: int = 1, rank: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.world_size, self.rank = world_size, rank
         if batch_size < 1:
             raise DatasetError(f"batch size {batch_size} must be at least 1")
         self.buckets = [(size, list(ex)) for size, ex in sorted(buckets.items()) if ex]
@@ -250,8 +259,9 @@ class BatchSampler:
     def next(self) -> list[Example]:
         k = int(torch.multinomial(self._weights, 1, generator=self.generator))
         examples = self.buckets[k][1]
-        idx = torch.randint(len(examples), (self.batch_size,), generator=self.generator)
-        return [examples[i] for i in idx.tolist()]
+        idx = torch.randint(len(examples), (self.batch_size * self.world_size,), generator=self.generator)
+        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return [examples[i] for i in mine.tolist()]
 
     __next__ = next
 

@@ -14,9 +14,14 @@ Reading order: ``train`` at the bottom is the loop; ``_setup`` and ``_restore`` 
 the run's state (``_Run``); ``OBJECTIVES`` says, per objective, how a micro-batch is drawn and
 which ``step(ctx, batch, reward, config)`` turns it into a loss; ``_train_on`` runs one inside
 ComfyUI's sampling context and back-propagates it; ``_optimizer_step`` clips and steps.
+
+Under torchrun (``world=``, see distributed.py) the same loop runs in every process: each keeps its
+rows of the global batch's random draws, the LoRA gradients are averaged before the optimizer step,
+and rank 0 writes the files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -34,10 +39,12 @@ from .config import TrainConfig
 from .data import BatchSampler, Example
 from .atomic import atomic_write
 from .checkpointing import gradient_checkpointing
+from . import distributed
+from .distributed import World
 from .lora import LoraSet, save_lora
 from .objectives import classic_refl_step, imagerefl_step
 from . import sqdf
-from .replay import ReplayBuffer
+from .replay import ReplayBuffer, Trajectory
 from .steps import Batch, StepContext, randint
 
 
@@ -111,10 +118,12 @@ def make_decoder(vae, latent_format, per_image: bool = False):
 
 # ------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.Generator, config: TrainConfig,
-                    history: list[dict], scaler=None, replay: ReplayBuffer | None = None) -> None:
+                    history: list[dict], scaler=None, replay: ReplayBuffer | None = None,
+                    world_size: int = 1) -> None:
     """Everything a resume needs, written atomically. The RNG is the run's own generator only
     (checkpoints of earlier versions also hold the process-wide state under "torch"; it is not
-    restored: a job must not reseed the generator a foreground sampler uses)."""
+    restored: a job must not reseed the generator a foreground sampler uses). A run of several
+    processes (torchrun) also records their number, "world_size" (absent: one)."""
     state = {"format_version": CHECKPOINT_FORMAT, "step": step, "lora": lora.state_dict(),
              "optimizer": optimizer.state_dict(), "rng": {"generator": gen.get_state()},
              "config": config.to_json(), "history": json.dumps(history)}
@@ -122,6 +131,8 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
         state["scaler"] = scaler.state_dict()
     if replay is not None:  # SQDF: the buffer is part of the state, so a resume is exact
         state["replay"] = replay.state_dict()
+    if world_size > 1:
+        state["world_size"] = world_size
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -146,6 +157,20 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     if missing:
         raise TrainingError(f"{path} is not a RewardTune training checkpoint (it lacks {', '.join(missing)})")
     return state
+
+
+def check_world_size(state: dict, world: World, batch_size: int) -> None:
+    """A checkpoint resumes only on as many processes as wrote it: the global batch (processes ×
+    batch size) and how its random draws are split among the processes are part of the run, so on
+    another count it would not continue as it was."""
+    saved = int(state.get("world_size", 1))
+    if saved != world.size:
+        def how(n):
+            return f"torchrun --nproc_per_node {n} (in all, over its nodes)" if n > 1 else "one process (no torchrun)"
+        raise TrainingError(
+            f"this checkpoint was trained by {saved} process(es) with a global batch of {saved} × {batch_size}; "
+            f"this run has {world.size}, which would train with a global batch of {world.size} × {batch_size} and "
+            f"split the random draws differently, so it would not continue the same run: resume it with {how(saved)}")
 
 
 # ------------------------------------------------------------------------------ the run's state
@@ -173,6 +198,7 @@ class _Run:
     pool: ReplayBuffer | None = None     # SQDF: what this step's micro-batches sample from
     skipped: int = 0                     # fp16 overflows in a row
     conds: dict = field(default_factory=dict)
+    world: World = World()               # torchrun: this process's rank of how many (distributed.py)
 
     def cond(self, text: str):
         if text not in self.conds:
@@ -184,20 +210,35 @@ class _Run:
         self.preview = images[0].detach()  # copied to the CPU only when a checkpoint uses it
         return images
 
-    def pick_prompts(self, n: int) -> list[str]:
-        return [self.prompts[randint(self.generator, 0, len(self.prompts) - 1)] for _ in range(n)]
+    def pick_prompts(self, n: int, everyone: bool = False) -> list[str]:
+        """This process's ``n`` prompts: its rows of the world × n the whole run draws (``everyone``:
+        all of them). One process: n draws, as ever."""
+        picks = [self.prompts[randint(self.generator, 0, len(self.prompts) - 1)] for _ in range(n * self.world.size)]
+        return picks if everyone else picks[self.world.rows(n)]
+
+    def sliced_noise(self):
+        """Several processes: each per-sample noise draw of the step is the global batch's, this
+        process keeping its rows (distributed.SlicedNoise). One process: nothing changes."""
+        if not self.world.distributed:
+            return contextlib.nullcontext()
+        return distributed.SlicedNoise(self.generator, self.world)
 
     def autocast(self):
         dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
         return torch.autocast(self.tuned.load_device.type, dtype=dtype, enabled=self.config.precision != "fp32")
 
 
-def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out_dir) -> _Run:
+def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out_dir, world: World) -> _Run:
     """The run before its first step. The model: a clone with LoRA adapters, everything else
     frozen. Every random number of the run (the LoRA's initial weights, noise, timestep picks,
     prompts, batches, replay samples) comes from one generator, never the process-wide one: on the
-    server a foreground sampler on another thread seeds and draws from that one meanwhile."""
+    server a foreground sampler on another thread seeds and draws from that one meanwhile. Under
+    torchrun every process seeds it alike and keeps its rows of each draw (distributed.py)."""
     config.check_inputs(has_prompts=bool(prompts), has_images=bool(images))
+    if config.objective == "sqdf" and config.sqdf_buffer < world.size * config.sqdf_collect:
+        raise TrainingError(f"the replay buffer ({config.sqdf_buffer}) must hold one step's trajectories of all "
+                            f"{world.size} processes ({world.size} × sqdf_collect {config.sqdf_collect}): raise "
+                            "sqdf_buffer (sqdf_collect is per process, the buffer is shared)")
     generator = torch.Generator().manual_seed(config.seed)
     tuned = model.clone()
     tuned.model.requires_grad_(False)
@@ -211,20 +252,20 @@ def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out
                                                       config.num_steps).cpu(),
                decode_images=make_decoder(vae, tuned.model.latent_format, config.decode_checkpointing),
                encode=encode, prompts=prompts or [],
-               batches=_image_batches(vae, images, config.batch_size, generator),
+               batches=_image_batches(vae, images, config.batch_size, generator, world),
                replay=ReplayBuffer(config.sqdf_buffer, config.sqdf_window) if config.objective == "sqdf" else None,
                consistency=_consistency_model(tuned, config),
-               checkpoint_path=os.path.join(out_dir, "checkpoint.pt") if out_dir else None)
+               checkpoint_path=os.path.join(out_dir, "checkpoint.pt") if out_dir else None, world=world)
     run.cond("")  # the negative
     mm.load_models_gpu([vae.patcher])
-    if out_dir and os.path.isdir(out_dir):  # half-written files of a killed save
+    if out_dir and os.path.isdir(out_dir) and world.is_main:  # half-written files of a killed save
         for name in os.listdir(out_dir):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out_dir, name))
     return run
 
 
-def _image_batches(vae, images, batch_size: int, generator) -> BatchSampler | None:
+def _image_batches(vae, images, batch_size: int, generator, world: World) -> BatchSampler | None:
     """Real latents encoded once (no grad). ``images``: {(h, w): [Example]} from
     data.load_examples / examples_from_graph; a batch never mixes sizes."""
     if not images:
@@ -232,7 +273,7 @@ def _image_batches(vae, images, batch_size: int, generator) -> BatchSampler | No
     with torch.no_grad():
         latents = {size: [Example(vae.encode(ex.image[None, ..., :3]).cpu(), ex.caption, ex.source)
                           for ex in examples] for size, examples in images.items()}
-    return BatchSampler(latents, batch_size, generator)
+    return BatchSampler(latents, batch_size, generator, world_size=world.size, rank=world.rank)
 
 
 def _consistency_model(tuned, config: TrainConfig):
@@ -249,6 +290,7 @@ def _consistency_model(tuned, config: TrainConfig):
 
 def _restore(run: _Run, state: dict) -> None:
     """A checkpoint's state into a freshly set-up run: the run continues exactly where it stopped."""
+    check_world_size(state, run.world, run.config.batch_size)
     run.lora.load_state_dict(state["lora"])
     if run.replay is not None and "replay" in state:
         run.replay.load_state_dict(state["replay"])
@@ -260,9 +302,13 @@ def _restore(run: _Run, state: dict) -> None:
 
 
 def _save(run: _Run) -> None:
+    """The checkpoint, written by rank 0 only (every rank holds the same state); the others wait
+    until it is on disk."""
     if run.checkpoint_path:
-        save_checkpoint(run.checkpoint_path, run.step, run.lora, run.optimizer, run.generator, run.config,
-                        run.history, run.scaler, run.replay)
+        if run.world.is_main:
+            save_checkpoint(run.checkpoint_path, run.step, run.lora, run.optimizer, run.generator, run.config,
+                            run.history, run.scaler, run.replay, world_size=run.world.size)
+        distributed.barrier(run.world)
 
 
 # ------------------------------------------------------------------------------ one micro-batch
@@ -324,6 +370,9 @@ def _optimizer_step(run: _Run) -> torch.Tensor:
     """Once per accumulation cycle: unscale (fp16), clip, step. An fp16 overflow skips the update
     (the scaler lowers its scale); too many in a row, or a non-finite norm without fp16, stop the run."""
     config, scaler = run.config, run.scaler
+    # torchrun: each process back-propagated its rows of the global batch; their mean gradient is the
+    # global batch's (distributed.py says why an all-reduce here and not DistributedDataParallel)
+    distributed.average_gradients(run.lora.parameters(), run.world)
     scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.lora.parameters(),
                                                config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -353,25 +402,45 @@ def _draw_images(run: _Run) -> Batch:
 
 
 def _draw_replay(run: _Run) -> Batch:
-    pairs = run.pool.sample(run.config.batch_size, run.generator, num_steps=len(run.sigmas) - 1,  # ddim_uniform may add one
-                            prioritised=run.config.sqdf_prioritised, gamma=run.config.sqdf_gamma)
+    b = run.config.batch_size
+    pairs = run.pool.sample(b * run.world.size, run.generator, num_steps=len(run.sigmas) - 1,  # ddim_uniform may add one
+                            prioritised=run.config.sqdf_prioritised, gamma=run.config.sqdf_gamma)[run.world.rows(b)]
     return Batch([t.prompt for t, _ in pairs], pairs=pairs)
 
 
 def _collect_trajectories(run: _Run) -> dict:
     """SQDF, before the step's micro-batches: fresh trajectories with the current policy (no grad)
-    into the replay buffer (or, on-policy, into a pool of this step's only)."""
+    into the replay buffer (or, on-policy, into a pool of this step's only).
+
+    Under torchrun each process collects ``sqdf_collect`` (its rows of each global chunk) and the
+    chunks are gathered to every process in rank order: one replay buffer, the same on every rank
+    and the same as one process with the global batch collects. So the replay samples are drawn
+    from the shared stream and sliced like everything else, rank 0's checkpoint holds the whole
+    buffer, and every rank resumes it from there. The cost: every rank holds the whole buffer
+    (sqdf_buffer trajectories, as one process would) and the fresh latents cross the network once."""
     config, t0 = run.config, time.perf_counter()
-    fresh, metrics = [], {}
-    while len(fresh) < config.sqdf_collect:
-        n = min(config.batch_size, config.sqdf_collect - len(fresh))
-        trajs, m = _in_sampling(run, Batch(run.pick_prompts(n)), lambda ctx, b: sqdf.collect(ctx, b, run.reward))
-        fresh += trajs
+    fresh, metrics, collected = [], {}, 0
+    while collected < config.sqdf_collect:
+        n = min(config.batch_size, config.sqdf_collect - collected)
+        everyone = run.pick_prompts(n, everyone=True)
+        trajs, m = _in_sampling(run, Batch(everyone[run.world.rows(n)]),
+                                lambda ctx, b: sqdf.collect(ctx, b, run.reward))
+        fresh += _gather_trajectories(trajs, everyone, run.world)
+        collected += n
         metrics["collect_reward"] = metrics.get("collect_reward", 0.0) + m["collect_reward"] * n / config.sqdf_collect
     metrics["collect_seconds"] = time.perf_counter() - t0
     run.pool = run.replay if config.sqdf_use_buffer else ReplayBuffer(len(fresh))  # on-policy: the paper's ablation
     run.pool.add(fresh)
     return metrics
+
+
+def _gather_trajectories(trajs: list, prompts: list[str], world: World) -> list:
+    """Every rank's trajectories of one chunk, in rank order (the global chunk's order); one process: as they are."""
+    if not world.distributed:
+        return trajs
+    latents = distributed.gather_rows(torch.stack([t.latents for t in trajs]), world)
+    rewards = distributed.gather_rows(torch.tensor([t.reward for t in trajs], dtype=torch.float64), world)
+    return [Trajectory(latents[i], prompts[i], float(rewards[i])) for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)
@@ -395,27 +464,34 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
           images: dict[tuple[int, int], list[Example]] | None = None, out_dir: str | None = None,
           resume: str | None = None, should_stop: Callable[[], bool] | None = None,
           on_step: Callable[[dict], None] | None = None,
-          on_checkpoint: Callable[[int, torch.Tensor], None] | None = None) -> TrainResult:
-    run = _setup(model, vae, reward, config.validate(), encode, prompts, images, out_dir)
+          on_checkpoint: Callable[[int, torch.Tensor], None] | None = None,
+          world: World | None = None) -> TrainResult:
+    """``world``: this process's rank under torchrun (``distributed.from_environment``, after
+    ``distributed.init_process_group``); None: one process. Then ``config.batch_size`` is per
+    process, the global batch world × it, and rank 0 writes the files."""
+    world = world or World()
+    run = _setup(model, vae, reward, config.validate(), encode, prompts, images, out_dir, world)
     if resume:
         _restore(run, load_checkpoint(resume))
     objective, regulariser = OBJECTIVES[config.objective], OBJECTIVES["refl"]
     stopped = False
     with gradient_checkpointing(run.tuned.model.diffusion_model, config.grad_checkpointing):
         while run.step < config.steps:
-            if should_stop is not None and should_stop():
+            if distributed.any_rank(should_stop is not None and should_stop(), world):
                 stopped = True
                 break
             t0 = time.perf_counter()
             run.optimizer.zero_grad(set_to_none=True)
-            metrics = objective.prepare(run) if objective.prepare else {}
-            for _ in range(config.grad_accum):
-                for k, v in _train_on(run, objective, objective.draw(run)).items():
-                    metrics[k] = metrics.get(k, 0.0) + v / config.grad_accum
-            if config.objective == "imagerefl" and config.refl_every and (run.step + 1) % config.refl_every == 0:
-                m = _train_on(run, regulariser, regulariser.draw(run))  # classic ReFL every refl_every-th step
-                metrics.update({f"regulariser_{k}": v for k, v in m.items()})
+            with run.sliced_noise():
+                metrics = objective.prepare(run) if objective.prepare else {}
+                for _ in range(config.grad_accum):
+                    for k, v in _train_on(run, objective, objective.draw(run)).items():
+                        metrics[k] = metrics.get(k, 0.0) + v / config.grad_accum
+                if config.objective == "imagerefl" and config.refl_every and (run.step + 1) % config.refl_every == 0:
+                    m = _train_on(run, regulariser, regulariser.draw(run))  # classic ReFL every refl_every-th step
+                    metrics.update({f"regulariser_{k}": v for k, v in m.items()})
             grad_norm = _optimizer_step(run)
+            metrics = distributed.average_metrics(metrics, world)  # the global batch's, the same on every rank
             run.step += 1
             metrics.update(step=run.step, grad_norm=float(grad_norm), seconds=time.perf_counter() - t0)
             run.history.append(metrics)
@@ -430,5 +506,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         if stopped or run.step % config.save_every:
             _save(run)
         lora_path = os.path.join(out_dir, "lora.safetensors")
-        save_lora(lora_path, run.lora, {"rewardtune_config": config.to_json(), "rewardtune_step": str(run.step)})
+        if world.is_main:
+            save_lora(lora_path, run.lora, {"rewardtune_config": config.to_json(), "rewardtune_step": str(run.step)})
+        distributed.barrier(world)
     return TrainResult(run.tuned, run.lora, run.step, run.history, stopped, lora_path)
