@@ -46,7 +46,7 @@ class TrainConfig:
     objective: str = setting("imagerefl", "imagerefl: real images + captions with the diffusion loss (ImageReFL); "
                                           "refl: classic ReFL from prompts; sqdf: soft-Q fine-tuning from prompts")
     steps: int = setting(4000, "optimizer steps (a resumed run may change it)")
-    batch_size: int = setting(8, "images per micro-batch")
+    batch_size: int = setting(8, "images per micro-batch (per process under torchrun)")
     grad_accum: int = setting(4, "micro-batches per optimizer step (ImageReFL: 8 × 4 = 32)")
     lr: float = setting(3e-4, "AdamW learning rate of the LoRA weights (ImageReFL's 3e-4; classic ReFL used 1e-5 "
                               "for a full fine-tune)")
@@ -80,7 +80,7 @@ class TrainConfig:
     sqdf_gamma: float = setting(0.9, "SQDF discount γ: a transition's reward is weighted by γ^(steps remaining)")
     sqdf_alpha: float = setting(2.0, "SQDF KL weight α (to the base model)")
     sqdf_kl: str = setting("per_dim", "per_dim: the reference code's mean/σ² (= 2/D · exact); exact: ‖Δμ‖²/2σ²")
-    sqdf_collect: int = setting(64, "SQDF: fresh trajectories sampled per optimizer step")
+    sqdf_collect: int = setting(64, "SQDF: fresh trajectories sampled per optimizer step (per process under torchrun)")
     sqdf_buffer: int = setting(1024, "SQDF: replay buffer capacity in trajectories (first in, first out)")
     sqdf_window: int = setting(1024, "SQDF: sample from the most recent this many trajectories")
     sqdf_prioritised: bool = setting(False, "SQDF: draw (trajectory, step) with probability ∝ max(r, 0) · "
