@@ -55,11 +55,23 @@ def _as_in_forward(layers, state):
         _set_functions(layers, now)
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
-    if not enabled:
-        yield []
-        return
+    """For the run: each block's graph-building forward either checkpointed (``enabled``) or run
+    with its saved tensors copied. The copy is what makes ComfyUI's transformer blocks
+    differentiable: Flux, MMDiT and NextDiT blocks add their residuals in place (``img += …``,
+    ``x += …``) to tensors a LayerNorm saved for the backward pass, which autograd refuses ("one of
+    the variables needed for gradient computation has been modified by an inplace operation").
+    Copying what the block saves costs one extra copy of its activations; the UNet's blocks do not
+    need it but get it too (one code path). No-grad calls are untouched."""
     patched = []
     for block in _blocks(diffusion_model):
         if "forward" in block.__dict__:  # already wrapped (a nested run): leave it
@@ -67,18 +79,21 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = Tru
         forward = block.forward
         layers = [m for m in block.modules() if hasattr(m, "weight_function")]
 
-        def checkpointed(*args, _forward=forward, _layers=layers, **kwargs):
+        def wrapped(*args, _forward=forward, _layers=layers, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
+            if not enabled:
+                with torch.autograd.graph.saved_tensors_hooks(_copy, _same):
+                    return _forward(*args, **kwargs)
             state = [(list(w) if w is not None else None, list(b) if b is not None else None)
                      for w, b in _functions(_layers)]
             return torch.utils.checkpoint.checkpoint(
                 _forward, *args, use_reentrant=False,
                 context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(_layers, state)), **kwargs)
-        block.forward = checkpointed
+        block.forward = wrapped
         patched.append(block)
     try:
-        yield patched
+        yield patched if enabled else []
     finally:
         for block in patched:
             del block.forward
