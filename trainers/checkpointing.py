@@ -64,6 +64,34 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _recomputation(layers, state):
+    """For the recomputation in the backward pass: the layers' functions as they were in the
+    forward pass, and every tensor the recomputed block saves handed to the checkpoint as a copy.
+    The checkpoint keeps what the recomputation saves by reference, so a block that later adds a
+    residual in place into a tensor a LayerNorm saved (Flux, MMDiT, NextDiT: ``img += …``) would
+    change it before its use: the gradients came out ~10% off (tests/test_flow_training.py). The
+    checkpoint's own pack hook is the innermost one here (torch's private accessor: there is no
+    public one); ours wraps it."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    with _as_in_forward(layers, state):
+        if top is None:
+            yield
+            return
+        pack, unpack = top
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: pack(t.clone()), unpack):
+            yield
+
+
+def _on_copies(forward, *args, **kwargs):
+    """``forward`` on copies of its tensor arguments: the checkpoint keeps the block's inputs for
+    the recomputation, and a block that adds its residual in place into its input (Flux's
+    single blocks: ``x += …``) would change them before the backward pass."""
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) else v
+    return forward(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+
+@contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
     """For the run: each block's graph-building forward either checkpointed (``enabled``) or run
     with its saved tensors copied. The copy is what makes ComfyUI's transformer blocks
@@ -88,8 +116,8 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = Tru
             state = [(list(w) if w is not None else None, list(b) if b is not None else None)
                      for w, b in _functions(_layers)]
             return torch.utils.checkpoint.checkpoint(
-                _forward, *args, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(_layers, state)), **kwargs)
+                _on_copies, _forward, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _recomputation(_layers, state)), **kwargs)
         block.forward = wrapped
         patched.append(block)
     try:
