@@ -80,7 +80,8 @@ def held_out_brightness(model, vae, encode) -> float:
     noise = comfy.sample.prepare_noise(lat, 1234)
     out = comfy.sample.sample(model, noise, 10, 1.0, "euler", "simple", encode("held out prompt"), encode(""), lat,
                               seed=1234, disable_pbar=True)
-    return float(vae.decode(out.detach()).mean())
+    with torch.no_grad():
+        return float(vae.decode(out).mean())
 
 
 def _in_sampling(patcher, encode, fn, x, sigmas, cfg=1.0):
