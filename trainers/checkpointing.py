@@ -55,8 +55,16 @@ def _as_in_forward(layers, state):
         _set_functions(layers, now)
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _copy_if_in(storages: set[int]):
+    """A pack hook: a saved tensor that shares memory with one of the block's inputs is saved as a
+    copy (the block may add its residual into that input in place), any other as it is."""
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if _storage(t) in storages else t
+    return pack
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -94,12 +102,12 @@ def _on_copies(forward, *args, **kwargs):
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
     """For the run: each block's graph-building forward either checkpointed (``enabled``) or run
-    with its saved tensors copied. The copy is what makes ComfyUI's transformer blocks
-    differentiable: Flux, MMDiT and NextDiT blocks add their residuals in place (``img += …``,
-    ``x += …``) to tensors a LayerNorm saved for the backward pass, which autograd refuses ("one of
-    the variables needed for gradient computation has been modified by an inplace operation").
-    Copying what the block saves costs one extra copy of its activations; the UNet's blocks do not
-    need it but get it too (one code path). No-grad calls are untouched."""
+    with the saved tensors that share memory with its inputs copied. The copy is what makes
+    ComfyUI's transformer blocks differentiable: Flux blocks add their residuals in place into
+    their inputs (``img += …``, ``x += …``) after a LayerNorm saved them for the backward pass,
+    which autograd refuses ("one of the variables needed for gradient computation has been
+    modified by an inplace operation"). It costs about one copy of each block's inputs (a UNet
+    block's too: one code path). No-grad calls are untouched."""
     patched = []
     for block in _blocks(diffusion_model):
         if "forward" in block.__dict__:  # already wrapped (a nested run): leave it
@@ -111,7 +119,8 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = Tru
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
             if not enabled:
-                with torch.autograd.graph.saved_tensors_hooks(_copy, _same):
+                inputs = {_storage(v) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)}
+                with torch.autograd.graph.saved_tensors_hooks(_copy_if_in(inputs), _same):
                     return _forward(*args, **kwargs)
             state = [(list(w) if w is not None else None, list(b) if b is not None else None)
                      for w, b in _functions(_layers)]
