@@ -16,14 +16,21 @@ alternates); the median over all timed steps of a side is reported; ratio = engi
 One torch thread by default: on a shared 2-core machine two threads stall in OpenMP barriers
 whenever the other core is busy (single UNet calls then vary 100x).
 
-    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps-per-round 3] [--model tiny|sd15]
+``--model flux``: the tiny Flux dev transformer of testing/tiny_flow_models.py (1.0M parameters, a
+16-channel TAESD, T5-shaped conditioning of 77 tokens with pooled output and guidance 3.5); both
+sides take the rectified-flow step (``steps.sampling_steps``) and LoRA on every linear layer of
+the transformer blocks (targets "auto"). Both sides run their blocks inside the engine's block
+wrapper (``checkpointing.gradient_checkpointing``: saved tensors copied, or checkpointed with
+``--grad-checkpointing``) and with ComfyUI's ``in_training`` flag, which DiT blocks need to be
+differentiable at all.
+
+    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--steps-per-round 3] [--model tiny|sd15|flux]
         [--latent 16] [--threads N] [--objective refl|imagerefl|both] [--device cpu|cuda]
         [--precision fp32|bf16|fp16] [--grad-checkpointing] [--profile] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import cProfile
 import json
@@ -45,8 +52,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps-per-round", type=int, default=3, help="timed optimizer steps per round and side")
-    ap.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
-                    help="tiny: the 1M-parameter test UNet; sd15: the smallest detectable SD1.5 UNet (25.8M)")
+    ap.add_argument("--model", choices=["tiny", "sd15", "flux"], default="tiny",
+                    help="tiny: the 1M-parameter test UNet; sd15: the smallest detectable SD1.5 UNet (25.8M); "
+                         "flux: the 1.0M-parameter tiny Flux dev transformer")
     ap.add_argument("--latent", type=int, default=16, help="latent side (pixels / 8)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (0: torch's default); on a shared CPU 2+ threads can stall in OpenMP barriers")
@@ -70,11 +78,11 @@ def main():
     from rewardtune.trainers.config import TrainConfig
     from rewardtune.trainers.data import examples_from_graph
     from rewardtune.trainers.engine import train
-    from rewardtune.trainers.objectives import ddpm_step, eps_mse, imagerefl_loss, refl_loss
-    if a.grad_checkpointing:  # torch.utils.checkpoint on the UNet's blocks, the engine's own wrapper
-        from rewardtune.trainers.checkpointing import gradient_checkpointing as checkpointing
-    else:
-        checkpointing = lambda module, enabled: contextlib.nullcontext()  # noqa: E731
+    from rewardtune.trainers.objectives import diffusion_mse, imagerefl_loss, refl_loss
+    from rewardtune.trainers.lora import target_modules
+    from rewardtune.trainers.steps import comfy_training_mode, sampling_steps
+    # the engine's block wrapper (saved tensors copied, or torch.utils.checkpoint on the blocks)
+    from rewardtune.trainers.checkpointing import gradient_checkpointing as checkpointing
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -86,13 +94,22 @@ def main():
             torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ shared setup
-    unet_cfg, ctx_dim = (tm.SD15_UNET, 768) if a.model == "sd15" else (tm.TINY_UNET, tm.TINY_CONTEXT_DIM)
-    base_model = tm.build_unet_model(tm.TinySD, unet_cfg, 0)
+    flux = a.model == "flux"
+    if flux:
+        from rewardtune.testing import tiny_flow_models as tf
+        base_model = tf.build_flow_model("flux_dev", 0)
+        vae = tf.tiny_flow_vae(2)
+    else:
+        unet_cfg, ctx_dim = (tm.SD15_UNET, 768) if a.model == "sd15" else (tm.TINY_UNET, tm.TINY_CONTEXT_DIM)
+        base_model = tm.build_unet_model(tm.TinySD, unet_cfg, 0)
+        vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
     patcher = comfy.model_patcher.ModelPatcher(base_model, load_device=dev, offload_device=mm.unet_offload_device())
     unet_params = sum(p.numel() for p in base_model.diffusion_model.parameters())
-    vae = comfy.sd.VAE(sd={k[len("first_stage_model."):]: v for k, v in tm._taesd_state_dict(2).items()})
+    latent_channels = base_model.latent_format.latent_channels
 
     def encode(text):  # 77 tokens like CLIP
+        if flux:
+            return tf.flow_conditioning(base_model, sum(map(ord, text)) % 997, tokens=77, guidance=3.5)
         return tm.tiny_conditioning(sum(map(ord, text)) % 997, tokens=77, dim=ctx_dim)
 
     torch.manual_seed(1)
@@ -113,7 +130,8 @@ def main():
         return TrainConfig(objective=objective, steps=steps, batch_size=2, grad_accum=1, lr=1e-4, rank=4, alpha=4.0,
                            num_steps=10, cfg=5.0, refl_stop_min=stop, refl_stop_max=stop, imagerefl_start=start,
                            imagerefl_tf_min=stop, imagerefl_tf_max=stop, width=side, height=side, save_every=10**9,
-                           precision=a.precision, grad_checkpointing=a.grad_checkpointing).validate()
+                           precision=a.precision, grad_checkpointing=a.grad_checkpointing,
+                           **({"targets": ["auto"]} if flux else {})).validate()
 
     # ------------------------------------------------------------------ bare torch
     class LoraLinear(torch.nn.Module):
@@ -140,14 +158,13 @@ def main():
     cfg0 = config("refl", 1)
     unet = copy.deepcopy(base_model.diffusion_model).to(dev).requires_grad_(False)  # before any patching
     loras = []
-    for name, module in list(unet.named_modules()):
-        weight = getattr(module, "weight", None)
-        if name.endswith(tuple(cfg0.targets)) and weight is not None and weight.ndim == 2:  # LoraSet's choice
-            parent_name, _, child = name.rpartition(".")
-            lora = LoraLinear(module, cfg0.rank, cfg0.alpha)
-            setattr(unet.get_submodule(parent_name), child, lora)
-            loras.append(lora)
+    for name, module in target_modules(unet, cfg0.targets):  # LoraSet's choice
+        parent_name, _, child = name.rpartition(".")
+        lora = LoraLinear(module, cfg0.rank, cfg0.alpha)
+        setattr(unet.get_submodule(parent_name), child, lora)
+        loras.append(lora)
     ms, latent_format = copy.deepcopy(base_model.model_sampling).to(dev), base_model.latent_format
+    step = sampling_steps(ms).step
     sigmas = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", cfg0.num_steps).to(dev)  # the engine's are on dev too
     first_stage = vae.first_stage_model
     mm.load_models_gpu([vae.patcher])
@@ -156,11 +173,17 @@ def main():
     conds = torch.cat([encode(p)[0][0] for p in PROMPTS[:2]]).to(dev)   # batch 2: two captions
     uncond = encode("")[0][0].expand(2, -1, -1).to(dev)
     cu = torch.cat([conds, uncond])
+    if flux:  # pooled CLIP output per sample, and the guidance embedding
+        pooled = {id(conds): torch.cat([encode(p)[0][1]["pooled_output"] for p in PROMPTS[:2]]).to(dev)}
+        pooled[id(cu)] = torch.cat([pooled[id(conds)], encode("")[0][1]["pooled_output"].expand(2, -1).to(dev)])
     bare_gen = torch.Generator().manual_seed(0)
 
     def unet_x0(x, sigma, context):
-        eps = unet(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), context=context)
-        return ms.calculate_denoised(sigma, eps, x)
+        extra = {}
+        if flux:
+            extra = dict(y=pooled[id(context)], guidance=torch.full((x.shape[0],), 3.5, device=dev))
+        out = unet(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), context=context, **extra)
+        return ms.calculate_denoised(sigma, out, x)
 
     def cfg_x0(x, s, cfg):  # cond and uncond in one batch, as calc_cond_batch does
         out = unet_x0(torch.cat([x, x]), s.expand(2 * x.shape[0]).to(x), cu)
@@ -173,7 +196,7 @@ def main():
                 lora.frozen = lora.base.weight + lora.scale * (lora.up @ lora.down)
             for i in range(i0, i1):
                 x0 = cfg_x0(x, sigmas[i], cfg)
-                x = ddpm_step(x, x0, sigmas[i], sigmas[i + 1], torch.randn(x.shape, generator=bare_gen).to(x))
+                x = step(x, x0, sigmas[i], sigmas[i + 1], torch.randn(x.shape, generator=bare_gen).to(x))
             for lora in loras:
                 lora.frozen = None
         return x
@@ -184,7 +207,7 @@ def main():
 
     def bare_step(objective, cfg, opt, params, scaler):
         opt.zero_grad(set_to_none=True)
-        noise = torch.randn((2, 4, a.latent, a.latent), generator=bare_gen).to(dev)
+        noise = torch.randn((2, latent_channels, a.latent, a.latent), generator=bare_gen).to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                             enabled=cfg.precision != "fp32"):
             if objective == "refl":
@@ -198,7 +221,7 @@ def main():
                 t = int(torch.randint(0, len(ms.sigmas), (1,), generator=bare_gen))
                 sig = torch.full((2,), float(ms.sigmas[t])).to(lat)
                 eps = torch.randn(lat.shape, generator=bare_gen).to(lat)
-                mse = eps_mse(unet_x0(ms.noise_scaling(sig, eps, lat, False), sig, conds), lat, sig)  # cond only
+                mse = diffusion_mse(unet_x0(ms.noise_scaling(sig, eps, lat, False), sig, conds), lat, sig)  # cond only
                 loss = imagerefl_loss(mse, r, cfg.loss_scale, cfg.mse_weight)
         if scaler is None:
             loss.backward()
@@ -219,7 +242,7 @@ def main():
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler(dev.type) if cfg.precision == "fp16" else None
         stamps = []
-        with checkpointing(unet, cfg.grad_checkpointing):
+        with comfy_training_mode(), checkpointing(unet, cfg.grad_checkpointing):
             for _ in range(k + 1):
                 bare_step(objective, cfg, opt, params, scaler)
                 sync()

@@ -45,7 +45,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
 
-from .tiny_models import WrittenModel, _atomic_save
+from .tiny_models import WrittenModel, _atomic_save, init_weights_
 
 FLUX_DEV = dict(
     image_model="flux", in_channels=16, out_channels=16, patch_size=2, hidden_size=128, num_heads=1, depth=1,
@@ -133,6 +133,17 @@ def tiny_zimage_patcher(seed: int = 0):
     model = build_flow_model("zimage", seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_flow_vae(seed: int = 0, latent_channels: int = 16):
+    """A ComfyUI VAE for the 16-channel latents of these families: a random-weight TAESD with 16 latent
+    channels (the TAEF1 / TAESD3 layout), built by ``comfy.sd.VAE`` from its state dict."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
+    init_weights_(taesd, seed, out_scale=1.0)
+    sd = {k: v for k, v in taesd.state_dict().items() if k not in ("vae_scale", "vae_shift")}
+    return comfy.sd.VAE(sd=sd)
 
 
 def detectable_shapes(config_cls, unet_config: dict) -> dict:

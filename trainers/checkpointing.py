@@ -55,11 +55,59 @@ def _as_in_forward(layers, state):
         _set_functions(layers, now)
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _copy_if_in(storages: set[int]):
+    """A pack hook: a saved tensor that shares memory with one of the block's inputs is saved as a
+    copy (the block may add its residual into that input in place), any other as it is."""
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if _storage(t) in storages else t
+    return pack
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@contextlib.contextmanager
+def _recomputation(layers, state):
+    """For the recomputation in the backward pass: the layers' functions as they were in the
+    forward pass, and every tensor the recomputed block saves handed to the checkpoint as a copy.
+    The checkpoint keeps what the recomputation saves by reference, so a block that later adds a
+    residual in place into a tensor a LayerNorm saved (Flux, MMDiT, NextDiT: ``img += …``) would
+    change it before its use: the gradients came out ~10% off (tests/test_flow_training.py). The
+    checkpoint's own pack hook is the innermost one here (torch's private accessor: there is no
+    public one); ours wraps it."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    with _as_in_forward(layers, state):
+        if top is None:
+            yield
+            return
+        pack, unpack = top
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: pack(t.clone()), unpack):
+            yield
+
+
+def _on_copies(forward, *args, **kwargs):
+    """``forward`` on copies of its tensor arguments: the checkpoint keeps the block's inputs for
+    the recomputation, and a block that adds its residual in place into its input (Flux's
+    single blocks: ``x += …``) would change them before the backward pass."""
+    def copy(v):
+        return v.clone() if isinstance(v, torch.Tensor) else v
+    return forward(*map(copy, args), **{k: copy(v) for k, v in kwargs.items()})
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = True):
-    if not enabled:
-        yield []
-        return
+    """For the run: each block's graph-building forward either checkpointed (``enabled``) or run
+    with the saved tensors that share memory with its inputs copied. The copy is what makes
+    ComfyUI's transformer blocks differentiable: Flux blocks add their residuals in place into
+    their inputs (``img += …``, ``x += …``) after a LayerNorm saved them for the backward pass,
+    which autograd refuses ("one of the variables needed for gradient computation has been
+    modified by an inplace operation"). It costs about one copy of each block's inputs (a UNet
+    block's too: one code path). No-grad calls are untouched."""
     patched = []
     for block in _blocks(diffusion_model):
         if "forward" in block.__dict__:  # already wrapped (a nested run): leave it
@@ -67,18 +115,22 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, enabled: bool = Tru
         forward = block.forward
         layers = [m for m in block.modules() if hasattr(m, "weight_function")]
 
-        def checkpointed(*args, _forward=forward, _layers=layers, **kwargs):
+        def wrapped(*args, _forward=forward, _layers=layers, **kwargs):
             if not torch.is_grad_enabled():
                 return _forward(*args, **kwargs)
+            if not enabled:
+                inputs = {_storage(v) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)}
+                with torch.autograd.graph.saved_tensors_hooks(_copy_if_in(inputs), _same):
+                    return _forward(*args, **kwargs)
             state = [(list(w) if w is not None else None, list(b) if b is not None else None)
                      for w, b in _functions(_layers)]
             return torch.utils.checkpoint.checkpoint(
-                _forward, *args, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(_layers, state)), **kwargs)
-        block.forward = checkpointed
+                _on_copies, _forward, *args, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _recomputation(_layers, state)), **kwargs)
+        block.forward = wrapped
         patched.append(block)
     try:
-        yield patched
+        yield patched if enabled else []
     finally:
         for block in patched:
             del block.forward

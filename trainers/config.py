@@ -57,7 +57,10 @@ class TrainConfig:
     rank: int = setting(8, "LoRA rank: the inner size of each low-rank update")
     alpha: float = setting(8.0, "LoRA alpha (the update is scaled by alpha / rank)")
     targets: list[str] = setting(["to_q", "to_k", "to_v", "to_out.0"],
-                                 "endings of the UNet's linear layer names that get a LoRA")
+                                 "endings of the diffusion model's linear layer names that get a LoRA; \"auto\": "
+                                 "every linear layer of a transformer's blocks. This default (the UNet's attention, "
+                                 "as in the papers) means \"auto\" on a model without such layers (Flux, SD3.5, "
+                                 "Z-Image)")
     # schedule: N DDPM steps (ComfyUI: sampler ddpm, scheduler ddim_uniform)
     num_steps: int = setting(40, "steps of the DDPM (η = 1) sampling schedule (ddim_uniform)")
     cfg: float = setting(7.5, "classifier-free guidance scale while sampling")

@@ -45,7 +45,7 @@ from .lora import LoraSet, save_lora
 from .objectives import classic_refl_step, imagerefl_step
 from . import sqdf
 from .replay import ReplayBuffer, Trajectory
-from .steps import Batch, StepContext, randint
+from .steps import Batch, StepContext, comfy_training_mode, randint
 
 
 MAX_SKIPPED_FP16_STEPS = 20
@@ -475,7 +475,7 @@ def train(model, vae, reward: Callable, config: TrainConfig, *, encode: Callable
         _restore(run, load_checkpoint(resume))
     objective, regulariser = OBJECTIVES[config.objective], OBJECTIVES["refl"]
     stopped = False
-    with gradient_checkpointing(run.tuned.model.diffusion_model, config.grad_checkpointing):
+    with comfy_training_mode(), gradient_checkpointing(run.tuned.model.diffusion_model, config.grad_checkpointing):
         while run.step < config.steps:
             if distributed.any_rank(should_stop is not None and should_stop(), world):
                 stopped = True

@@ -10,6 +10,43 @@ from .atomic import atomic_write
 from .config import ConfigError
 
 
+# the UNet's attention projections: the papers' LoRA targets (SD1.5, SDXL), TrainConfig's default
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+AUTO = "auto"
+
+
+def _linear(module) -> bool:
+    """A layer ComfyUI can patch (its ops have ``weight_function``) with a 2-D weight."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "weight_function") and weight is not None and weight.ndim == 2
+
+
+def target_modules(diffusion_model: torch.nn.Module, targets) -> list[tuple[str, torch.nn.Module]]:
+    """The (name, module) pairs that get a LoRA, sorted by name.
+
+    ``targets`` are endings of module names (``to_q``, ``img_attn.qkv``…); the value ``auto``
+    stands for: the attention projections ``UNET_ATTENTION`` where the model has them (every
+    ComfyUI UNet: SD1.5, SDXL — the papers' choice), otherwise every linear layer inside the
+    model's transformer blocks, i.e. the modules of its top-level block lists (Flux
+    ``double_blocks`` / ``single_blocks``, MMDiT ``joint_blocks``, NextDiT ``layers`` and refiners:
+    attention q/k/v/out, MLPs and modulation). The papers' default list (``UNET_ATTENTION``)
+    on a model without such layers (a flow transformer) is read as ``auto``, so TrainConfig's
+    default works for every family. No family names: only module names and types."""
+    named = sorted(((n, m) for n, m in diffusion_model.named_modules() if n and _linear(m)), key=lambda kv: kv[0])
+    targets = tuple(targets)
+    attention = [(n, m) for n, m in named if n.endswith(UNET_ATTENTION)]
+    if AUTO in targets or (set(targets) == set(UNET_ATTENTION) and not attention):
+        if attention:
+            picked = attention
+        else:
+            lists = [name for name, child in diffusion_model.named_children() if isinstance(child, torch.nn.ModuleList)]
+            picked = [(n, m) for n, m in named if n.split(".", 1)[0] in lists]
+        rest = tuple(t for t in targets if t != AUTO and t not in UNET_ATTENTION)
+        extra = [(n, m) for n, m in named if rest and n.endswith(rest) and (n, m) not in picked]
+        return sorted(picked + extra, key=lambda kv: kv[0])
+    return [(n, m) for n, m in named if n.endswith(targets)]
+
+
 class LoraSet:
     """LoRA adapters (ComfyUI's own ``LoraDiff``) wrapped around the matching weights of a patcher.
 
@@ -24,22 +61,18 @@ class LoraSet:
             generator = torch.Generator().manual_seed(0)
         self.adapters: dict[str, torch.nn.Module] = {}
         self.modules: dict[str, torch.nn.Module] = {}
-        for name, module in sorted(patcher.model.diffusion_model.named_modules(), key=lambda kv: kv[0]):
-            if not name.endswith(tuple(targets)) or not hasattr(module, "weight_function"):
-                continue
-            weight = getattr(module, "weight", None)
-            if weight is None or weight.ndim != 2:
-                continue
-            adapter = new_adapter(weight, rank, alpha, generator)
+        for name, module in target_modules(patcher.model.diffusion_model, targets):
+            adapter = new_adapter(module.weight, rank, alpha, generator)
             adapter.lora_up.weight.requires_grad_(True)
             adapter.lora_down.weight.requires_grad_(True)
             adapter.alpha.requires_grad_(False)
-            adapter.to(weight.device)
+            adapter.to(module.weight.device)
             patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", adapter)
             self.adapters[name] = adapter
             self.modules[name] = module
         if not self.adapters:
-            raise ConfigError(f"no linear layer of this model matches the LoRA targets {targets}")
+            raise ConfigError(f"no linear layer of this model matches the LoRA targets {targets}; "
+                              'use ["auto"] for every linear layer of its transformer blocks')
 
     @contextlib.contextmanager
     def merged(self):

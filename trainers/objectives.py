@@ -1,16 +1,19 @@
 """The training objectives: one signature, ``step(ctx, batch, reward, config) -> (loss, metrics)``,
 run by the engine inside ComfyUI's sampling context (``steps.StepContext``: the CFG guider as
 ``ctx.model``, whose ``model(x, σ)`` returns the CFG x0 prediction with gradients, and the
-sampler's σ schedule, the N-step DDPM grid of ComfyUI's ``ddim_uniform``; ``steps.Batch``: the
-prompts, the sampler's noise, the real latents). The loss is a scalar tensor with a graph.
+sampler's σ schedule, the N-step grid of ComfyUI's ``ddim_uniform`` — the DDPM grid t = 1, 1 + k, …
+of the papers, on any model's ``model_sampling``; ``steps.Batch``: the prompts, the sampler's noise,
+the real latents). The loss is a scalar tensor with a graph. "Step" below is ``ctx.steps.step``: the
+DDPM posterior step on ε/v models, its rectified-flow analogue on flow models (steps.py).
 Notation follows the papers:
 
-* classic ReFL (ImageReward): from noise, no-grad DDPM steps down to a random stop index in the
-  late window, one step with gradients predicting x0, decode, reward;
+* classic ReFL (ImageReward): from noise, no-grad stochastic steps down to a random stop index in
+  the late window, one step with gradients predicting x0, decode, reward;
   loss = refl_weight · mean(ReLU(λ − s·(R + o))).
-* ImageReFL: the real image's latent noised to the start index, no-grad DDPM steps to a random
-  t_f, one gradient step to x0, decode, reward; plus the ordinary diffusion loss on the noised
-  real latent; loss = loss_scale · [mse_weight · MSE − mean(s·(R + o))].
+* ImageReFL: the real image's latent noised to the start index, no-grad stochastic steps to a
+  random t_f, one gradient step to x0, decode, reward; plus the ordinary diffusion loss on the
+  noised real latent (``diffusion_mse``: the ε-MSE on ε/v models, the flow-matching velocity loss
+  on flow models); loss = loss_scale · [mse_weight · MSE − mean(s·(R + o))].
 * SQDF: ``sqdf.update`` (and ``sqdf.collect``, which fills its replay buffer).
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from .steps import Batch, StepContext, cfg_scale, ddpm_step, denoise_no_grad, randint, sigma_batch
 
-__all__ = ["classic_refl_step", "imagerefl_step", "refl_loss", "imagerefl_loss", "eps_mse",
+__all__ = ["classic_refl_step", "imagerefl_step", "refl_loss", "imagerefl_loss", "diffusion_mse", "eps_mse",
            "ddpm_step"]  # ddpm_step: from steps.py, here too for benchmarks/bench_train.py
 
 # reward(images (B, 3, H, W) in [0, 1], prompts) -> s·(R + o), tensor (B,)
@@ -38,10 +41,18 @@ def imagerefl_loss(mse: torch.Tensor, rewards: torch.Tensor, loss_scale: float, 
     return loss_scale * (mse_weight * mse - rewards.mean())
 
 
-def eps_mse(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The ordinary ε-prediction MSE written with x0 predictions: ε̂ − ε = (x0 − x̂0)/σ."""
+def diffusion_mse(x0_pred: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The model's ordinary diffusion loss written with x0 predictions: mean(((x0 − x̂0)/σ)²).
+
+    ε/v models (x = x0 + σ·ε, x̂0 = x − σ·ε̂): (x0 − x̂0)/σ = ε̂ − ε, the ε-prediction MSE.
+    Flow models (x = (1 − σ)·x0 + σ·ε, v = ε − x0, x̂0 = x − σ·v̂): (x0 − x̂0)/σ = v̂ − v, the
+    flow-matching velocity loss. One formula for both (tests/test_flow_training.py checks the
+    flow case against the raw transformer output)."""
     sig = sigma.reshape(-1, *([1] * (x0.ndim - 1)))
     return (((x0 - x0_pred) / sig) ** 2).mean()
+
+
+eps_mse = diffusion_mse  # the earlier name (benchmarks, tests)
 
 
 def _reward_at(ctx: StepContext, x: torch.Tensor, index: int, prompts: list[str], reward: RewardFn) -> torch.Tensor:
@@ -65,12 +76,14 @@ def imagerefl_step(ctx: StepContext, batch: Batch, reward: RewardFn, config) -> 
     t_f = randint(ctx.generator, config.imagerefl_tf_min, config.imagerefl_tf_max)
     r = _reward_at(ctx, denoise_no_grad(ctx, x, start, t_f), t_f, batch.prompts, reward)
     # diffusion loss: the conditional prediction (no CFG) on the real latent noised at a random
-    # training σ, as the ordinary noise-prediction objective samples t uniformly
+    # training σ, as the ordinary objective samples it: a uniform index into the model's own
+    # training schedule ``model_sampling.sigmas`` (DDPM's uniform t; on a shifted flow schedule,
+    # Flux's or SD3's, the shifted distribution of σ)
     t = randint(ctx.generator, 0, len(ms.sigmas) - 1)
     sig = torch.full((latent.shape[0],), float(ms.sigmas[t])).to(latent)
     eps = torch.randn(latent.shape, generator=ctx.generator).to(latent)
     with cfg_scale(ctx.model, 1.0):
         x0_pred = ctx.model(ctx.steps.noised(ms, sig, eps, latent), sig, **ctx.extra_args)
-    mse = eps_mse(x0_pred, latent, sig)
+    mse = diffusion_mse(x0_pred, latent, sig)
     loss = imagerefl_loss(mse, r, config.loss_scale, config.mse_weight)
     return loss, {"reward": r.mean().item(), "mse": mse.item(), "imagerefl_loss": loss.item(), "t_f": t_f}

@@ -1,12 +1,14 @@
 """SQDF (soft-Q diffusion fine-tuning, arXiv 2512.04559) as two steps the engine's loop runs inside
 ComfyUI's sampling context, like the ReFL objectives (see objectives.py for the conventions):
 
-* ``collect``: full no-grad trajectories with the current policy — the DDPM posterior step (DDIM
-  η = 1) on the N-step grid, with CFG — storing every x_i (i = 0 … N, index 0 the noisiest) and
+* ``collect``: full no-grad trajectories with the current policy — the model's stochastic step
+  (``ctx.steps``: the DDPM posterior, DDIM η = 1, on ε/v models; ComfyUI's rectified-flow ancestral
+  step on flow models, see steps.py) on the N-step grid, with CFG — storing every x_i (i = 0 … N, index 0 the noisiest) and
   the final reward, for the replay buffer.
 * ``update``: for sampled (trajectory, i) pairs: the policy mean μθ and the frozen reference mean
-  μref (the same UNet with the LoRA switched off: no second copy) at the stored x_i; one
-  stochastic step x_{i+1} = μθ + σ_i·ε with gradients through this step only; x̂0 from x_{i+1} by
+  μref (the same UNet with the LoRA switched off: no second copy) at the stored x_i, both from
+  ``ctx.steps.posterior`` with the same std σ_i (it depends on the schedule only, so the KL is 0
+  while the LoRA is zero, on every model type); one stochastic step x_{i+1} = μθ + σ_i·ε with gradients through this step only; x̂0 from x_{i+1} by
   the frozen reference's one-step x0 prediction (conditional branch; at the last step x̂0 =
   x_{i+1}); decode; reward. Loss per pair: −γ^(remaining)·r + α·KL, remaining = N − 1 − i.
 
@@ -19,7 +21,9 @@ undefined; μθ = x̂0θ): it contributes no KL, only the reward term.
 Consistency model: the paper jumps to x̂0 with a frozen LCM-LoRA of the same base
 (``ConsistencyModel``, from ``sqdf_lcm_lora``). Without one, the one-step x0 prediction of the
 frozen reference is used instead — the paper's "without the consistency model" ablation — and the
-run says so in its log and the node's summary.
+run says so in its log and the node's summary. The jump exists for ε-prediction models only
+(SD1.5, SDXL LCM-LoRAs); on flow models (Flux, SD3.5, Z-Image…) and v-prediction ones
+``ConsistencyModel`` refuses the file and the one-step prediction is what SQDF uses.
 """
 from __future__ import annotations
 

@@ -10,14 +10,24 @@ trained is kept in one object of step functions, chosen from the model's ``model
 * ``noised``: a real latent put at noise level σ;
 * ``posterior`` / ``step``: one stochastic step from σ to σ' given the x0 prediction.
 
-``DDPM`` (x = x0 + σ·ε, the DDPM posterior step, DDIM η = 1) is the only implementation today and
-serves every model; a flow-matching model (``model_sampling`` CONST, x = (1 − σ)·x0 + σ·ε) needs
-its own posterior and is the place to add one.
+Two implementations, both ComfyUI's own ancestral Euler step at η = 1 written as a Gaussian
+(mean, std) so that SQDF can use it as its policy and the ReFL objectives as their sampler:
+
+* ``DDPM`` — ε/v-prediction models (``model_sampling`` EPS, V_PREDICTION: x = x0 + σ·ε, SD1.5,
+  SDXL): the DDPM posterior (DDIM η = 1), which is ``k_diffusion.sampling.sample_euler_ancestral``'s
+  step (σ_down = σ'²/σ, σ_up = σ'·√(σ² − σ'²)/σ);
+* ``RectifiedFlow`` — flow-matching models (``model_sampling`` CONST: x = (1 − σ)·x0 + σ·ε, Flux,
+  SD3.5, Z-Image / Lumina 2, Chroma, Qwen-Image): ``sample_euler_ancestral_RF``'s step, the step
+  ComfyUI itself takes with ``euler_ancestral`` on these models.
+
+``sampling_steps`` picks one by the class of ``model_sampling`` (no model-family names);
+tests/test_flow_training.py checks both against ComfyUI's sampler, called for real, to 1e-6.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +49,33 @@ def cfg_scale(guider, scale: float):
         yield
     finally:
         guider.cfg = before
+
+
+_training = {"runs": 0, "before": False}
+_training_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def comfy_training_mode():
+    """ComfyUI's ``model_management.in_training`` on while a run trains, as its own LoRA trainer
+    sets it: with it off, Flux / Z-Image / Lumina attention applies rotary embeddings with fused
+    ``comfy_kitchen`` kernels that have no backward ("no autograd formula was registered"); on,
+    with the plain torch code. The flag is process-wide: a sampler running meanwhile takes the
+    plain torch path too (same result, a little slower). Counted, so overlapping runs keep it on
+    until the last one ends; the value before the first is restored."""
+    import comfy.model_management as mm
+    with _training_lock:
+        if _training["runs"] == 0:
+            _training["before"] = mm.in_training
+        _training["runs"] += 1
+        mm.in_training = True
+    try:
+        yield
+    finally:
+        with _training_lock:
+            _training["runs"] -= 1
+            if _training["runs"] == 0:
+                mm.in_training = _training["before"]
 
 
 def randint(generator: torch.Generator, lo: int, hi: int) -> int:
@@ -80,9 +117,32 @@ class DDPM:
         return mean + std * noise
 
 
+class RectifiedFlow(DDPM):
+    """Flow-matching models (``model_sampling`` CONST): x = (1 − σ)·x0 + σ·ε. One step is ComfyUI's
+    ``sample_euler_ancestral_RF`` at η = 1: down to σ_d = σ'²/σ by the straight line through x0,
+    x_d = (σ_d/σ)·x + (1 − σ_d/σ)·x0, then rescaled to σ' and noise added,
+    x' = ((1 − σ')/(1 − σ_d))·x_d + ρ·ε with ρ = √(σ'² − σ_d²(1 − σ')²/(1 − σ_d)²). Given the
+    exact x0 it keeps the marginal x_σ' = (1 − σ')·x0 + σ'·ε: the flow analogue of the DDPM
+    posterior. At σ' = 0: mean = x0, std = 0. ``initial_noise`` / ``noised`` are ``DDPM``'s: both
+    call the model's own ``noise_scaling``, which for CONST is σ·ε + (1 − σ)·x0."""
+
+    @staticmethod
+    def posterior(x: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, sp: torch.Tensor):
+        """Mean and std of the step from σ = s to σ = sp (scalars, or per sample (B,1,1,1))."""
+        s, sp = s.to(x), sp.to(x)
+        down = sp ** 2 / s                      # σ_d: η = 1
+        ratio = down / s
+        rescale = (1 - sp) / (1 - down)
+        mean = rescale * (ratio * x + (1 - ratio) * x0)
+        std = torch.sqrt((sp ** 2 - down ** 2 * rescale ** 2).clamp_min(0))
+        return mean, std
+
+
 def sampling_steps(model_sampling) -> type[DDPM]:
-    """The step functions for a model's sampling type (today: ``DDPM`` for every model)."""
-    return DDPM
+    """The step functions for a model's sampling type: ``RectifiedFlow`` for flow-matching models
+    (``comfy.model_sampling.CONST``), ``DDPM`` for the rest (EPS, V_PREDICTION)."""
+    import comfy.model_sampling
+    return RectifiedFlow if isinstance(model_sampling, comfy.model_sampling.CONST) else DDPM
 
 
 # the DDPM functions by their papers' names, for the tests and benchmarks
