@@ -56,7 +56,9 @@ def _as_in_forward(layers, state):
 
 
 def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """The identity of ``t``'s storage (views and detached tensors share it). Not ``data_ptr()``:
+    a FakeTensor (the memory estimate) has none, and every fake tensor would look shared."""
+    return t.untyped_storage()._cdata
 
 
 def _copy_if_in(storages: set[int]):

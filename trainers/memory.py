@@ -45,7 +45,8 @@ import torch.utils.checkpoint
 from .checkpointing import gradient_checkpointing
 from .config import TrainConfig
 from .lora import new_adapter
-from .steps import DDPM
+from .lora import target_modules
+from .steps import sampling_steps
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -265,10 +266,9 @@ class CompositeStep:
         unet.requires_grad_(False)
         work.first_stage.requires_grad_(False)
         self.adapters, self.layers = [], []
-        for name, module in sorted(unet.named_modules(), key=lambda kv: kv[0]):
+        for name, module in target_modules(unet, cfg.targets):  # the layers the engine's LoraSet picks
             weight = getattr(module, "weight", None)
-            if not name.endswith(tuple(cfg.targets)) or not hasattr(module, "weight_function") \
-                    or weight is None or weight.ndim != 2:
+            if not hasattr(module, "weight_function") or weight is None or weight.ndim != 2:
                 continue
             adapter = _adapter(weight, cfg.rank, cfg.alpha, self.gen)
             adapter.lora_up.weight.requires_grad_(True)
@@ -283,6 +283,7 @@ class CompositeStep:
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         with unset_fake_temporarily():  # the schedule from the real σ table (its values decide the grid)
             self.sigmas = comfy.samplers.calculate_sigmas(work.model_sampling, "ddim_uniform", cfg.num_steps)
+        self.steps = sampling_steps(work.model_sampling)  # the engine's step for this sampling type
         self.sigmas = self.sigmas.to(self.device)
         dt = next(unet.parameters()).dtype
         self.dtype = dt
@@ -353,7 +354,7 @@ class CompositeStep:
         with torch.no_grad(), self.merged():
             for i in range(start, start + n):
                 x0 = self.cfg_x0(x, self.sigmas[i], self.nograd_unet)
-                x = DDPM.step(x, x0, self.sigmas[i], self.sigmas[i + 1], self._randn(x.shape))
+                x = self.steps.step(x, x0, self.sigmas[i], self.sigmas[i + 1], self._randn(x.shape))
         return x
 
     def decode(self, x0):
@@ -396,8 +397,8 @@ class CompositeStep:
         x0_policy = self.cfg_x0(x, s)
         with torch.no_grad(), self.lora_off():
             x0_ref = self.cfg_x0(x, s)
-        mu, std = DDPM.posterior(x, x0_policy, s, sp)
-        mu_ref, _ = DDPM.posterior(x, x0_ref, s, sp)
+        mu, std = self.steps.posterior(x, x0_policy, s, sp)
+        mu_ref, _ = self.steps.posterior(x, x0_ref, s, sp)
         x_next = mu + std * self._randn(x.shape)
         with self.lora_off():
             x0_hat = self.cond_x0(x_next, sp)
