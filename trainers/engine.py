@@ -228,7 +228,7 @@ class _Run:
         return torch.autocast(self.tuned.load_device.type, dtype=dtype, enabled=self.config.precision != "fp32")
 
 
-def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out_dir, world: World) -> _Run:
+def _setup(model, vae, reward, config: TrainConfig, encode, prompts, images, out_dir, world: World = World()) -> _Run:
     """The run before its first step. The model: a clone with LoRA adapters, everything else
     frozen. Every random number of the run (the LoRA's initial weights, noise, timestep picks,
     prompts, batches, replay samples) comes from one generator, never the process-wide one: on the
