@@ -111,6 +111,16 @@ def _comfy_one_step(model_wrap, extra_args, x, s, sp, noise):
     return out, seen["x0"]
 
 
+def _ours_and_comfys_step(steps, model, encode, x, s, sp, noise):
+    """One step σ = s → sp from x: ComfyUI's own euler_ancestral step (called for real) and
+    ``steps.step`` given the same x0 prediction and noise."""
+    def both(model_wrap, extra_args):
+        with torch.no_grad():
+            theirs, x0 = _comfy_one_step(model_wrap, extra_args, x, s, sp, noise)
+        return theirs, steps.step(x, x0, torch.tensor(s), torch.tensor(sp), noise)
+    return _in_sampling(model, encode, both, x, torch.tensor([s, sp]))
+
+
 @pytest.mark.parametrize("fam", ["flux_dev", "sd35"])
 def test_flow_step_equals_comfyuis_euler_ancestral_step(host, flow_tree, fam):
     """RectifiedFlow.step == one step of ComfyUI's sample_euler_ancestral (which dispatches to its RF
@@ -124,11 +134,7 @@ def test_flow_step_equals_comfyuis_euler_ancestral_step(host, flow_tree, fam):
         x = torch.randn(2, 16, 8, 8, generator=g)
         noise = torch.randn(2, 16, 8, 8, generator=g)
 
-        def both(model_wrap, extra_args):
-            with torch.no_grad():
-                theirs, x0 = _comfy_one_step(model_wrap, extra_args, x, s, sp, noise)
-            return theirs, RectifiedFlow.step(x, x0, torch.tensor(s), torch.tensor(sp), noise)
-        theirs, ours = _in_sampling(patcher, encode, both, x, torch.tensor([s, sp]))
+        theirs, ours = _ours_and_comfys_step(RectifiedFlow, patcher, encode, x, s, sp, noise)
         err = (theirs - ours).abs().max().item()
         assert err <= 1e-6, (fam, s, sp, err)
         mean, std = RectifiedFlow.posterior(x, x, torch.tensor(s), torch.tensor(sp))
@@ -155,11 +161,7 @@ def test_ddpm_step_equals_comfyuis_euler_ancestral_step(host, models_tree):
         x = torch.randn(1, 4, 8, 8, generator=g) * s
         noise = torch.randn(1, 4, 8, 8, generator=g)
 
-        def both(model_wrap, extra_args):
-            with torch.no_grad():
-                theirs, x0 = _comfy_one_step(model_wrap, extra_args, x, s, sp, noise)
-            return theirs, DDPM.step(x, x0, torch.tensor(s), torch.tensor(sp), noise)
-        theirs, ours = _in_sampling(model, encode, both, x, torch.tensor([s, sp]))
+        theirs, ours = _ours_and_comfys_step(DDPM, model, encode, x, s, sp, noise)
         err = ((theirs - ours).abs().max() / theirs.abs().max()).item()
         assert err <= 1e-6, (s, sp, err)
 
