@@ -1,7 +1,8 @@
 """Training jobs inside a running ComfyUI: the glue between the trainer nodes, the job manager and
 the engine. What a job needs from the graph's live objects (``build_spec``), how it trains on
 ComfyUI's models from a worker thread (``own_interrupts``, ``make_trainable``, ``private_copy``),
-how a *wait* node follows it (``wait``), and how its LoRA comes back into the graph as a MODEL
+what the job trains on (``plan_memory``: a private copy or, on a small card in
+mode wait, the graph's own weights via ``shared_weights``), how a *wait* node follows it (``wait``), and how its LoRA comes back into the graph as a MODEL
 (``tuned_model``)."""
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -94,15 +96,26 @@ def memory_budget(config: TrainConfig, device) -> tuple[int | None, str]:
     return max(total - mm.extra_reserved_memory(), 0), f"{mm.get_torch_device_name(device)}, {memory._gib(total)}"
 
 
-def check_memory(config: TrainConfig, model, vae, reward) -> str:
-    """Refuse, before a job starts, a run whose training step will not fit the device: the step's
-    peak is estimated on fake copies of the models (``trainers.memory``: no memory allocated, once
-    per architecture and memory settings in this process, minutes at real size on the CPU) and
-    compared with ``memory_budget``. Returns the summary's memory line; raises ConfigError saying
-    what to lower."""
+def _size(n: int) -> str:
+    """Bytes for the summary: GiB from 1 GiB up, MiB below (a tiny model's sizes stay readable)."""
+    return memory._gib(n) if n >= memory.GiB else f"{n / 2 ** 20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What the node decided before the job starts: the summary's memory and UNet lines, and
+    whether the job trains on the graph's own UNet (``shared``) or on a private copy."""
+    memory: str
+    unet: str
+    shared: bool
+
+
+def _step_estimate(config: TrainConfig, model, vae, reward) -> tuple[str, int | None, int | None]:
+    """(the summary's memory line, the step's estimated peak, the budget): peak and budget are None
+    where nothing was checked. Raises ConfigError when the step alone will not fit."""
     budget, source = memory_budget(config, getattr(model, "load_device", mm.get_torch_device()))
     if budget is None:
-        return f"memory: {source}"
+        return f"memory: {source}", None, None
     t0 = time.perf_counter()
     # the node body runs under inference_mode; the estimate's step needs autograd (on fake tensors)
     try:
@@ -111,34 +124,128 @@ def check_memory(config: TrainConfig, model, vae, reward) -> str:
     except Exception as e:  # noqa: BLE001 - a model the estimate cannot rebuild must not stop the training
         import logging
         logging.getLogger("rewardtune.jobs").warning("RewardTune: memory estimate failed, not checked", exc_info=True)
-        return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})"
+        return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})", None, budget
     how = "cached estimate" if cached else f"estimated in {time.perf_counter() - t0:.1f} s"
     ok, message = memory.fits(est.peak, budget, config)
     if not ok:
         raise ConfigError(f"{message}. (Budget: {source}; {how}. The estimate is the step's peak on the CPU "
                           "under FakeTensorMode; to train anyway, set a larger memory_budget_gb in config_json.)")
-    return f"memory: {message} ({source}; {how})"
+    return f"memory: {message} ({source}; {how})", est.peak, budget
 
 
-def private_copy_note(model) -> str:
-    """The summary's line on what the job's private UNet copy costs (see ``private_copy``)."""
-    if getattr(model, "cached_patcher_init", None) is None:
-        return "UNet: shared with the graph (no loader to rebuild a private copy from)"
-    size = memory.module_bytes(model.model.diffusion_model)
-    return (f"UNet: the job trains on a private copy (+{memory._gib(size)} on the device while the graph's model "
-            "is also loaded; ComfyUI unloads the least recently used model when the job needs the room)")
+def check_memory(config: TrainConfig, model, vae, reward) -> str:
+    """Refuse, before a job starts, a run whose training step will not fit the device: the step's
+    peak is estimated on fake copies of the models (``trainers.memory``: no memory allocated, once
+    per architecture and memory settings in this process, minutes at real size on the CPU) and
+    compared with ``memory_budget``. Returns the summary's memory line; raises ConfigError saying
+    what to lower."""
+    return _step_estimate(config, model, vae, reward)[0]
 
 
-def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prompts, images, prompt=None) -> JobSpec:
+def plan_memory(config: TrainConfig, model, vae, reward, mode: str) -> MemoryPlan:
+    """``check_memory``, then where the job trains (``config.unet_copy``; see ``plan_unet``)."""
+    line, peak, budget = _step_estimate(config, model, vae, reward)
+    shared, unet = plan_unet(config, model, mode, peak, budget)
+    return MemoryPlan(line, unet, shared)
+
+
+def plan_unet(config: TrainConfig, model, mode: str, peak: int | None, budget: int | None) -> tuple[bool, str]:
+    """(train on the graph's own UNet?, the summary's UNet line) for ``config.unet_copy``.
+
+    A private copy (``private_copy``) keeps a background job and the prompts that sample the same
+    model meanwhile apart, at the price of one more UNet on the device (SDXL: 2.6B weights). On a
+    small card that copy is what does not fit, so "auto" takes it only when the budget holds the
+    step's estimated peak (which counts the UNet once) plus the copy; else, in mode wait, the job
+    trains on the graph's weights: the queue waits for this node, so no prompt samples the model
+    meanwhile, and ``shared_weights`` takes the LoRA off again when the job ends.
+
+    Mode background with no room for the copy is refused rather than run with the graph's copy
+    offloaded: offloading only lasts until the next prompt that samples this model, which reloads
+    it, and ComfyUI then makes room by unloading models, the job's own UNet among them, mid-step
+    (or runs out of memory). The user is told to use mode wait or what to lower instead. Without a
+    budget (the CPU) or an estimate, "auto" keeps the private copy."""
+    choice = config.unet_copy
+    rebuildable = getattr(model, "cached_patcher_init", None) is not None
+    if not rebuildable:
+        if choice == "private":
+            raise ConfigError('unet_copy "private": this MODEL has no loader to rebuild a private copy from (it was '
+                              'built in the graph); set unet_copy to "auto" or "shared"')
+        if mode != "wait":
+            raise ConfigError("this MODEL has no loader to rebuild a private copy of its UNet from (it was built in "
+                              "the graph), and a background job cannot share the graph's UNet: the prompts that "
+                              "sample it meanwhile would change it under the job. Use mode wait")
+        return True, ("UNet: trains on the graph's weights (no loader to rebuild a private copy from); the queue "
+                      "waits for this node, and the LoRA is taken off the model when the job ends")
+    if choice == "shared":
+        if mode != "wait":
+            raise ConfigError('unet_copy "shared" trains on the graph\'s own UNet, which the prompts that run while a '
+                              'background job trains would change under it: use mode wait with it (the queue waits '
+                              'for the node), or unet_copy "auto" / "private" in mode background')
+        return True, ("UNet: trains on the graph's weights (unet_copy shared; the queue waits for this node, and the "
+                      "LoRA is taken off the model when the job ends)")
+    copy = memory.module_bytes(model.model.diffusion_model)
+    private = (f"UNet: the job trains on a private copy (+{_size(copy)} on the device while the graph's model is "
+               "also loaded; ComfyUI unloads the least recently used model when the job needs the room)")
+    if choice == "private" or peak is None or budget is None:
+        return False, private
+    ok, _ = memory.fits(peak + copy, budget)
+    both, alone = memory.needed_bytes(peak + copy), memory.needed_bytes(peak)
+    figures = f"the step with the copy needs {_size(both)}, the step alone {_size(alone)}, budget {_size(budget)}"
+    if ok:
+        return False, f"{private} ({figures})"
+    if mode != "wait":
+        raise ConfigError(f"no room for the background job's private copy of the UNet ({figures}; the copy is "
+                          f"{_size(copy)}): a background job cannot share the graph's UNet, since prompts that "
+                          "sample it meanwhile would change it under the job. Use mode wait (the job then trains on "
+                          "the graph's weights while the queue waits), or lower what the step needs (batch_size, "
+                          "width/height, gradient_checkpointing on, bf16), or set a larger memory_budget_gb if the "
+                          "card has more room")
+    return True, (f"UNet: trains on the graph's weights (no room for a private copy: {figures}); the queue waits "
+                  "for this node, and the LoRA is taken off the model when the job ends")
+
+
+@contextlib.contextmanager
+def shared_weights(model):
+    """Train on the graph's own UNet (no private copy; see ``plan_unet``), and leave it as it was
+    when the job ends — finished, cancelled or failed. The engine adds its LoRA to a clone of
+    ``model`` (``engine._setup``), and loading that clone puts the adapters into the shared
+    modules' ``weight_function`` lists. On exit every loaded clone of it is unloaded (ComfyUI
+    unpatches the weights, restoring the graph's patches' originals) and each module keeps only
+    the weight/bias functions it had before the job. The graph's model is reloaded by the next
+    prompt that samples it. Use only while nothing else samples the model (mode wait)."""
+    inner = model.model
+    before = {id(m): (m, list(getattr(m, "weight_function", None) or []), list(getattr(m, "bias_function", None) or []))
+              for m in inner.modules() if hasattr(m, "weight_function") or hasattr(m, "bias_function")}
+    try:
+        yield model
+    finally:
+        for i in reversed(range(len(mm.current_loaded_models))):
+            loaded = mm.current_loaded_models[i]
+            patcher = loaded.model
+            if patcher is not None and patcher is not model and patcher.model is inner:
+                mm.current_loaded_models.pop(i)
+                loaded.model_unload()
+        for m, weight_functions, bias_functions in before.values():
+            if hasattr(m, "weight_function"):
+                m.weight_function = [f for f in m.weight_function if any(f is g for g in weight_functions)]
+            if hasattr(m, "bias_function"):
+                m.bias_function = [f for f in m.bias_function if any(f is g for g in bias_functions)]
+
+
+def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prompts, images, prompt=None,
+               shared: bool = False) -> JobSpec:
+    """The job's run function. ``shared``: train on the graph's own UNet (``plan_memory`` decided;
+    mode wait only) instead of a private copy."""
     # steps and save_every are left out: queueing the graph with more steps continues the same job
     fp = run_fingerprint(run_identity(config, model=model, vae=vae, clip=clip, reward_model=reward.model,
                                       prompts=prompts, images=images))
 
     def run(job: Job) -> int:
         manager = get_manager()
-        with own_interrupts(), torch.inference_mode(False), torch.enable_grad():
+        with own_interrupts(), torch.inference_mode(False), torch.enable_grad(), \
+                (shared_weights(model) if shared else contextlib.nullcontext()):
             reward_model = reward.load()
-            unet = private_copy(model)
+            unet = model if shared else private_copy(model)
             for module in (unet.model, vae.first_stage_model, reward_model):
                 make_trainable(module)
             cfg = job.config

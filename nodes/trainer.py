@@ -130,7 +130,8 @@ class TrainRewardLoRA(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to tune (SD1.5 or SDXL UNet). It is not changed: the LoRA "
-                                                "is trained on a copy."),
+                                                "is trained on a copy, or, on a card too small for one (mode wait), "
+                                                "on its weights and taken off again (config_json unet_copy)."),
                 io.Clip.Input("clip", tooltip="Encodes the prompts and captions."),
                 io.Vae.Input("vae", tooltip="Decodes (with gradients) for the reward; encodes ImageReFL's real images."),
                 RewardModelType.Input("reward_model", tooltip="From Load Reward Model: the reward to raise."),
@@ -225,10 +226,12 @@ class TrainRewardLoRA(io.ComfyNode):
         config.check_inputs(has_prompts=bool(prompt_list), has_images=bool(data),
                             give_prompts="write them in prompts, one per line (or the path of a .txt file)",
                             give_images="set dataset_folder or connect images")
-        # a run that will not fit the card is refused here, before a job exists (nothing to lose)
-        memory_note = comfy_training.check_memory(config, model, vae, reward_model)
+        # a run that will not fit the card is refused here, before a job exists (nothing to lose); the
+        # same estimate decides whether the job gets a private UNet copy (config.unet_copy)
+        plan = comfy_training.plan_memory(config, model, vae, reward_model, mode)
         spec = comfy_training.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
-                                         prompts=prompt_list, images=data, prompt=cls.hidden.prompt)
+                                         prompts=prompt_list, images=data, prompt=cls.hidden.prompt,
+                                         shared=plan.shared)
         manager = get_manager()
         job = manager.submit(spec)
         if mode == "wait":
@@ -247,7 +250,7 @@ class TrainRewardLoRA(io.ComfyNode):
         else:
             lora_name, tuned = manager.lora_name(job), model
         text = summary(job, lora_name if job.state == "finished" else None)
-        text += f"\n{memory_note}\n{comfy_training.private_copy_note(model)}"
+        text += f"\n{plan.memory}\n{plan.unet}"
         if job.state != "finished":
             text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
         return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))

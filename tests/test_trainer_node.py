@@ -771,3 +771,158 @@ def test_the_node_refuses_a_run_that_will_not_fit_before_a_job_exists_and_caches
     entry = srv.wait(srv.queue(plain), timeout=300)
     assert entry["status"]["status_str"] == "success", entry["status"]
     assert "memory: not checked: the model runs on the CPU" in history_text(entry)
+
+
+# ------------------------------------------------------------------ small cards: no private UNet copy
+CARD = {**SMALL, "save_every": 1}
+FIGURES = re.compile(r"the step with the copy needs ([0-9.]+) (MiB|GiB), the step alone ([0-9.]+) (MiB|GiB)")
+
+
+def _gib(value: str, unit: str) -> float:
+    return float(value) / (1024 if unit == "MiB" else 1)
+
+
+def _base_sample(models_tree, variant: int, prefix: str) -> dict:
+    """The checkpoint's own model sampled by KSamplerAdvanced over the whole schedule (what KSampler
+    does). ``variant`` moves end_at_step past the schedule's end: the same result, but another
+    cache key, so ComfyUI samples again instead of returning the cached latent, while the
+    checkpoint loader (same inputs) hands over the very MODEL object the jobs trained on."""
+    nodes = _sample_nodes(["1", 0], prefix)
+    ks = nodes.pop("8")["inputs"]
+    nodes["8"] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": ks["model"], "add_noise": "enable", "noise_seed": ks["seed"], "steps": ks["steps"], "cfg": ks["cfg"],
+        "sampler_name": ks["sampler_name"], "scheduler": ks["scheduler"], "positive": ks["positive"],
+        "negative": ks["negative"], "latent_image": ks["latent_image"], "start_at_step": 0,
+        "end_at_step": 10000 - variant, "return_with_leftover_noise": "disable"}}
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}}, **nodes}
+
+
+def _train_and_sample_tuned(models_tree, reward_tree, name, extra, prefix, **kw):
+    """A wait-mode training prompt whose tuned MODEL output is sampled right after the job."""
+    prompt = train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=kw.pop("steps", 2),
+                          extra={**CARD, **extra}, **kw)
+    prompt.update({k + "t": v for k, v in _sample_nodes(["3", 0], prefix).items()})
+    for node in ("8t", "9t"):
+        for key, val in prompt[node]["inputs"].items():
+            if isinstance(val, list) and val[0] in ("5", "6", "7", "8"):
+                prompt[node]["inputs"][key] = [val[0] + "t", val[1]]
+    return prompt
+
+
+def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_model_as_it_was(
+        trainer_server, models_tree, reward_tree):
+    """unet_copy "auto" (the default): a budget that holds the step and a private UNet copy trains on
+    the copy; one that holds the step but not the copy trains (mode wait) on the graph's own
+    weights — the same LoRA bit for bit, the tuned MODEL output carries it, and the summary says
+    which and why. After a shared job that finished, failed or was cancelled, the graph's model
+    (the cached loader output the job trained on) samples exactly what it sampled before."""
+    srv = trainer_server
+    ev = Events(srv)
+    try:
+        def base(variant):
+            pid, entry, _ = run_prompt(srv, ev, _base_sample(models_tree, variant, f"rt_card_base{variant}_"))
+            assert entry["status"]["status_str"] == "success", entry["status"]
+            cached = [n for t, d in ev.msgs if t == "execution_cached" and d.get("prompt_id") == pid
+                      for n in d["nodes"]]
+            return load_file(_latest(srv, f"rt_card_base{variant}_"))["latent_tensor"], cached
+
+        before, _ = base(0)
+
+        # a large budget: a private copy, with the figures that decide it
+        _, entry, _ = run_prompt(srv, ev, _train_and_sample_tuned(models_tree, reward_tree, "card-private",
+                                                                  {"memory_budget_gb": 64}, "rt_card_tp_"))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        text = history_text(entry)
+        unet = next(t for t in text.splitlines() if t.startswith("UNet: "))
+        assert unet.startswith("UNet: the job trains on a private copy (+") and "budget 64.0 GiB" in unet, unet
+        both, u1, alone, u2 = FIGURES.search(unet).groups()
+        both, alone = _gib(both, u1), _gib(alone, u2)
+        assert 0 < alone < both, unet
+        (private_job,) = [j for j in jobs(srv) if j["name"] == "card-private"]
+
+        # a budget between the step alone and the step with the copy: the graph's weights
+        budget = (alone + both) / 2
+        _, entry, _ = run_prompt(srv, ev, _train_and_sample_tuned(models_tree, reward_tree, "card-shared",
+                                                                  {"memory_budget_gb": budget}, "rt_card_ts_"))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        text = history_text(entry)
+        assert "finished at step 2/2" in text, text
+        unet = next(t for t in text.splitlines() if t.startswith("UNet: "))
+        assert unet.startswith("UNet: trains on the graph's weights (no room for a private copy: the step with the "
+                               "copy needs"), unet
+        assert "the queue waits for this node" in unet, unet
+        (shared_job,) = [j for j in jobs(srv) if j["name"] == "card-shared"]
+        private_lora, shared_lora = (load_file(os.path.join(job_dir(srv, j["id"]), "lora.safetensors"))
+                                     for j in (private_job, shared_job))
+        assert same_tensors(private_lora, shared_lora), "training on the shared weights trained something else"
+        tuned_private, tuned_shared = (load_file(_latest(srv, p))["latent_tensor"] for p in ("rt_card_tp_", "rt_card_ts_"))
+        assert torch.equal(tuned_shared, tuned_private) and not torch.equal(tuned_shared, before)
+
+        after, cached = base(1)
+        assert "1" in cached, "the checkpoint loader ran again: not the model the job trained on"
+        assert torch.equal(after, before), "the graph's model changed after a shared job"
+
+        # a job that fails on the shared weights (a NaN reward scale makes the first loss NaN)
+        failing = train_prompt(models_tree, reward_tree, name="card-fail", mode="wait", steps=2,
+                               config_json=json.dumps({**CARD, "memory_budget_gb": budget,
+                                                       "reward_scale": float("nan")}))
+        _, entry, _ = run_prompt(srv, ev, failing)
+        assert entry["status"]["status_str"] == "error"
+        (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert "failed" in err["exception_message"] and "nan" in err["exception_message"].lower(), err
+        assert [j["state"] for j in jobs(srv) if j["name"] == "card-fail"] == ["failed"]
+        after, cached = base(2)
+        assert "1" in cached and torch.equal(after, before), "the graph's model changed after a failed shared job"
+
+        # a job cancelled on the shared weights
+        stopping = train_prompt(models_tree, reward_tree, name="card-stop", mode="wait", steps=50,
+                                extra={**CARD, "memory_budget_gb": budget})
+        pid = srv.queue(stopping, client_id=ev.client)
+        start = len(ev.msgs)
+        ev.wait_for(lambda t, d: t == "rewardtune.progress" and d["step"] >= 1, start=start, what="step 1")
+        srv.post("/interrupt", {})
+        _, kind = ev.outcome(pid)
+        assert kind == "execution_interrupted"
+        (stopped,) = [j for j in jobs(srv) if j["name"] == "card-stop"]
+        assert wait_job(srv, stopped["id"], ("stopped",), timeout=60)["step"] < 50
+        after, cached = base(3)
+        assert "1" in cached and torch.equal(after, before), "the graph's model changed after a cancelled shared job"
+    finally:
+        ev.close()
+
+
+def test_a_background_job_never_shares_the_graphs_weights(trainer_server, models_tree, reward_tree):
+    """Mode background with no room for the private copy is refused before a job exists, saying to
+    use mode wait; so is unet_copy "shared" in mode background, and an unknown unet_copy."""
+    srv = trainer_server
+    before = {j["id"] for j in jobs(srv)}
+
+    def error(extra=None, config_json=None):
+        prompt = train_prompt(models_tree, reward_tree, name="card-bg", mode="background", steps=1,
+                              extra={**CARD, **(extra or {})}, config_json=config_json)
+        entry = srv.wait(srv.queue(prompt), timeout=300)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert err["exception_type"].endswith("ConfigError"), err
+        return err["exception_message"]
+
+    # a background job with room for the copy: its summary has the figures that decide
+    prompt = train_prompt(models_tree, reward_tree, name="card-bg", mode="background", steps=1,
+                          extra={**CARD, "memory_budget_gb": 64})
+    entry = srv.wait(srv.queue(prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    both, u1, alone, u2 = FIGURES.search(history_text(entry)).groups()
+    started = only_new_job(srv, before, "card-bg")
+    wait_job(srv, started)
+    before.add(started)
+
+    # a budget that holds the step but not the copy
+    msg = error({"memory_budget_gb": (_gib(alone, u2) + _gib(both, u1)) / 2})
+    assert "no room for the background job's private copy of the UNet" in msg and "Use mode wait" in msg, msg
+    assert FIGURES.search(msg), msg
+
+    msg = error({"unet_copy": "shared"})
+    assert 'unet_copy "shared"' in msg and "use mode wait" in msg, msg
+    msg = error({"unet_copy": "copy"})
+    assert "unet_copy must be one of auto, private, shared" in msg, msg
+    assert {j["id"] for j in jobs(srv)} == before  # nothing was started

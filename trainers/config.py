@@ -28,6 +28,7 @@ from .presets import PRESETS
 OBJECTIVES = ("refl", "imagerefl", "sqdf")
 KL_MODES = ("per_dim", "exact")
 PRECISIONS = ("fp32", "bf16", "fp16")
+UNET_COPIES = ("auto", "private", "shared")
 
 
 class ConfigError(ValueError):
@@ -102,6 +103,14 @@ class TrainConfig:
     memory_budget_gb: float = setting(0.0, "device memory (GiB) the run must fit: the trainer node estimates a "
                                            "step's peak and refuses a run above it before it starts; 0 = the "
                                            "GPU's own memory (no check on the CPU)")
+    unet_copy: str = setting("auto", "trainer node: what a job trains on. private: its own copy of the UNet (one "
+                                     "more UNet in device memory; other prompts may sample the model meanwhile); "
+                                     "shared: the graph's own UNet, with the LoRA taken off again when the job ends "
+                                     "(no copy; mode wait only: the queue waits for the node, so nothing else "
+                                     "samples it); auto: private when the memory budget holds the step's "
+                                     "estimated peak plus the copy, else shared in mode wait (mode background is "
+                                     "refused); with no budget (the CPU) private. The CLI always trains on its "
+                                     "own model")
     width: int = setting(512, "training width in pixels (ImageReFL: aspect buckets of about width × height)")
     height: int = setting(512, "training height in pixels")
     save_every: int = setting(100, "checkpoint every n optimizer steps, and at the end (a resumed run may "
@@ -185,6 +194,9 @@ class TrainConfig:
                  f"the replay buffer ({self.sqdf_buffer}) must hold at least one step's trajectories ({self.sqdf_collect})")
         need(math.isfinite(self.memory_budget_gb) and self.memory_budget_gb >= 0,
              f"memory_budget_gb must be ≥ 0 (0 = the GPU's own memory), got {self.memory_budget_gb!r}")
+        need(self.unet_copy in UNET_COPIES,
+             f"unet_copy must be one of {', '.join(UNET_COPIES)} (auto: decided from the memory budget), "
+             f"got {self.unet_copy!r}")
         need(self.width % 8 == 0 and self.height % 8 == 0 and self.width >= 8 and self.height >= 8,
              "width and height must be multiples of 8")
         return self
@@ -203,8 +215,8 @@ class TrainConfig:
 
 
 # settings a resumed run may change: how long it runs and how often it saves
-# (memory_budget_gb only decides whether the run may start, not what it trains)
-RESUMABLE_CHANGES = ("steps", "save_every", "memory_budget_gb")
+# (memory_budget_gb and unet_copy decide whether and where the run trains, not what it trains)
+RESUMABLE_CHANGES = ("steps", "save_every", "memory_budget_gb", "unet_copy")
 
 
 def resume_differences(saved: TrainConfig, new: TrainConfig) -> list[str]:
