@@ -234,6 +234,7 @@ class TrainRewardLoRA(io.ComfyNode):
                                          shared=plan.shared)
         manager = get_manager()
         job = manager.submit(spec)
+        started = job.spec is spec  # else attached to a job that runs or ended: its UNet was chosen then
         if mode == "wait":
             import comfy.utils
             bar = comfy.utils.ProgressBar(config.steps, node_id=cls.hidden.unique_id)
@@ -250,7 +251,8 @@ class TrainRewardLoRA(io.ComfyNode):
         else:
             lora_name, tuned = manager.lora_name(job), model
         text = summary(job, lora_name if job.state == "finished" else None)
-        text += f"\n{plan.memory}\n{plan.unet}"
+        text += f"\n{plan.memory}\n" + (plan.unet if started else
+                                          "UNet: as chosen when this job started (this queue attached to it)")
         if job.state != "finished":
             text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
         return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))

@@ -814,8 +814,9 @@ def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_mode
     """unet_copy "auto" (the default): a budget that holds the step and a private UNet copy trains on
     the copy; one that holds the step but not the copy trains (mode wait) on the graph's own
     weights — the same LoRA bit for bit, the tuned MODEL output carries it, and the summary says
-    which and why. After a shared job that finished, failed or was cancelled, the graph's model
-    (the cached loader output the job trained on) samples exactly what it sampled before."""
+    which and why. After a shared job that finished or was cancelled, the graph's model (the cached
+    loader output the job trained on) samples exactly what it sampled before (a failed one:
+    test_small_card.py, in process)."""
     srv = trainer_server
     ev = Events(srv)
     try:
@@ -862,18 +863,6 @@ def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_mode
         assert "1" in cached, "the checkpoint loader ran again: not the model the job trained on"
         assert torch.equal(after, before), "the graph's model changed after a shared job"
 
-        # a job that fails on the shared weights (a NaN reward scale makes the first loss NaN)
-        failing = train_prompt(models_tree, reward_tree, name="card-fail", mode="wait", steps=2,
-                               config_json=json.dumps({**CARD, "memory_budget_gb": budget,
-                                                       "reward_scale": float("nan")}))
-        _, entry, _ = run_prompt(srv, ev, failing)
-        assert entry["status"]["status_str"] == "error"
-        (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-        assert "failed" in err["exception_message"] and "nan" in err["exception_message"].lower(), err
-        assert [j["state"] for j in jobs(srv) if j["name"] == "card-fail"] == ["failed"]
-        after, cached = base(2)
-        assert "1" in cached and torch.equal(after, before), "the graph's model changed after a failed shared job"
-
         # a job cancelled on the shared weights
         stopping = train_prompt(models_tree, reward_tree, name="card-stop", mode="wait", steps=50,
                                 extra={**CARD, "memory_budget_gb": budget})
@@ -885,7 +874,7 @@ def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_mode
         assert kind == "execution_interrupted"
         (stopped,) = [j for j in jobs(srv) if j["name"] == "card-stop"]
         assert wait_job(srv, stopped["id"], ("stopped",), timeout=60)["step"] < 50
-        after, cached = base(3)
+        after, cached = base(2)
         assert "1" in cached and torch.equal(after, before), "the graph's model changed after a cancelled shared job"
     finally:
         ev.close()
@@ -897,9 +886,9 @@ def test_a_background_job_never_shares_the_graphs_weights(trainer_server, models
     srv = trainer_server
     before = {j["id"] for j in jobs(srv)}
 
-    def error(extra=None, config_json=None):
+    def error(extra):
         prompt = train_prompt(models_tree, reward_tree, name="card-bg", mode="background", steps=1,
-                              extra={**CARD, **(extra or {})}, config_json=config_json)
+                              extra={**CARD, **extra})
         entry = srv.wait(srv.queue(prompt), timeout=300)
         assert entry["status"]["status_str"] == "error", entry["status"]
         (err,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
@@ -915,6 +904,10 @@ def test_a_background_job_never_shares_the_graphs_weights(trainer_server, models
     started = only_new_job(srv, before, "card-bg")
     wait_job(srv, started)
     before.add(started)
+    # queued again, it attaches to that job: the UNet line does not claim this queue's choice for it
+    entry = srv.wait(srv.queue(prompt), timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "UNet: as chosen when this job started (this queue attached to it)" in history_text(entry)
 
     # a budget that holds the step but not the copy
     msg = error({"memory_budget_gb": (_gib(alone, u2) + _gib(both, u1)) / 2})
