@@ -79,7 +79,7 @@ def test_a_shared_run_leaves_the_graphs_model_as_it_was_and_its_tuned_model_keep
 
 def test_a_failed_shared_run_leaves_the_graphs_model_as_it_was(tmp_path):
     patcher, vae = _setup()
-    direct = _direct(patcher)
+    direct, sampled = _direct(patcher), _sample(patcher)
 
     def nan_at_step_2(images, prompts):
         nan_at_step_2.calls += 1
@@ -91,6 +91,7 @@ def test_a_failed_shared_run_leaves_the_graphs_model_as_it_was(tmp_path):
     assert nan_at_step_2.calls == 2  # the first step changed the LoRA, the second failed
     assert _clones_loaded(patcher) == []
     assert torch.equal(_direct(patcher), direct), "the LoRA stayed on the graph's model after a failed run"
+    assert torch.equal(_sample(patcher), sampled)
 
 
 def test_plan_unet_picks_from_the_budget_and_never_shares_in_the_background():
