@@ -1,9 +1,9 @@
 """Training jobs inside a running ComfyUI: the glue between the trainer nodes, the job manager and
 the engine. What a job needs from the graph's live objects (``build_spec``), how it trains on
-ComfyUI's models from a worker thread (``own_interrupts``, ``make_trainable``, ``private_copy``),
-what the job trains on (``plan_memory``: a private copy or, on a small card in
-mode wait, the graph's own weights via ``shared_weights``), how a *wait* node follows it (``wait``), and how its LoRA comes back into the graph as a MODEL
-(``tuned_model``)."""
+ComfyUI's models from a worker thread (``own_interrupts``, ``make_trainable``), what it trains on
+(``plan_memory``: a ``private_copy`` of the UNet or, on a small card in mode wait, the graph's own
+weights via ``shared_weights``), how a *wait* node follows it (``wait``), and how its LoRA comes
+back into the graph as a MODEL (``tuned_model``)."""
 from __future__ import annotations
 
 import contextlib
