@@ -104,6 +104,15 @@ def test_unknown_preset_and_json_numbers():
     assert (config.cfg, config.steps) == (5.0, 10) and type(config.cfg) is float and type(config.steps) is int
 
 
+@pytest.mark.parametrize("text, name", [('{"reward_scale": NaN}', "reward_scale"), ('{"cfg": Infinity}', "cfg"),
+                                        ('{"sqdf_gamma": NaN, "objective": "sqdf"}', "sqdf_gamma")])
+def test_nan_and_infinity_are_refused_by_name(text, name):
+    """Python's json reads NaN and Infinity; NaN passes every range check (all comparisons are
+    false), so without the finiteness check a NaN reward scale trained on and failed at step 1."""
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        TrainConfig.from_json(text)
+
+
 @pytest.mark.parametrize("objective, refl_every, has_prompts, has_images, message", [
     ("refl", 0, False, True, "classic ReFL samples from prompts: GIVE PROMPTS"),
     ("sqdf", 0, False, True, "SQDF samples from prompts: GIVE PROMPTS"),

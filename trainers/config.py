@@ -163,6 +163,10 @@ class TrainConfig:
         def need(ok, msg):
             if not ok:
                 raise ConfigError(msg)
+        for f in fields(self):  # NaN passes every comparison below; infinity is no setting either
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{f.name} must be a finite number, got {value!r}")
         need(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("steps", "batch_size", "grad_accum", "num_steps", "save_every"):
