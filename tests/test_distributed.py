@@ -39,9 +39,11 @@ SQDF = ["--objective", "sqdf", "--sqdf-collect", "1", "--sqdf-buffer", "8", "--s
 # measured in float32: the LoRA after 3 steps 7.1e-5 (ReFL) / 1.5e-4 (ImageReFL) apart at lr 1e-3,
 # as far as one process run with 1 thread against 2. In float64 (UNet, text encoder, VAE, reward
 # model, LoRA and the gradient all-reduce; --float64) rounding is ~1e-16 and the construction shows:
-# measured 1.1e-16 (ReFL) and 3.9e-16 (ImageReFL). The rewards stay float32 scores (the reward
-# models return float32), hence their 1-ulp tolerance. A wrong split or a missing average moves the
-# LoRA by ≥ 1e-5 (checked once against broken code).
+# measured 1.1e-16 (ReFL) and 3.9e-16 (ImageReFL). What stays float32 (ComfyUI rounds the UNet's
+# output and the latents, the reward models return float32 scores) rounds values that agree to
+# ~1e-16, identically but for rare ties; the logged rewards, averaged in float32 by one process and
+# in float64 across ranks, get a 1-ulp tolerance. Checked once against broken code: without the
+# gradient average the LoRA is 1.2e-3 off, with both ranks taking rank 0's rows 2.1e-3.
 LORA_ATOL = 1e-6
 F64 = ["--float64"]
 
@@ -164,6 +166,7 @@ def _assert_same_training(one, two, once: str):
     m1, m2 = _metrics(one), _metrics(two)
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
     assert [m[once] for m in m1] == [m[once] for m in m2]  # drawn once per batch: the same on both ranks
+    assert all(v.dtype == torch.float64 for v in _lora(two).values())  # the LoRA followed the float64 weights
     lora = _max_diff(_lora(one), _lora(two))
     print(f"LoRA after 3 steps, 2 ranks against 1 process: max |difference| {lora:.2g}")
     assert lora <= LORA_ATOL, lora
@@ -233,3 +236,13 @@ def test_sqdf_a_killed_rank_leaves_a_checkpoint_and_the_buffer_survives_the_resu
     assert all(torch.equal(a, b) for a, b in zip(final["latents"][:n], saved["latents"]))
     assert final["prompts"][:n] == saved["prompts"] and final["rewards"][:n] == saved["rewards"]
     assert not torch.equal(final["latents"][0], final["latents"][1])  # the two ranks' trajectories differ
+
+
+def test_float64_refuses_a_half_precision(capsys):
+    """--float64 is a float64 run throughout: autocast to bf16/fp16 would undo it, so it is refused
+    before anything loads, with one error line that says what to pass."""
+    from rewardtune.trainers import cli
+    code = cli.main(["--checkpoint", "x.safetensors", "--reward", "r.pt", "--prompts", "a cat", "--out", "unused",
+                     "--float64", "--precision", "bf16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --float64") and "--precision fp32" in err, err
