@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the options below override it")
     ap.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_DIR, or the one this pack is in)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU")
+    ap.add_argument("--float64", action="store_true",
+                    help="a checking mode, not for training: the UNet, text encoder, VAE, reward model and LoRA in "
+                         "float64 (with --precision fp32), so that runs which differ only in float32 rounding (e.g. "
+                         "N torchrun processes against one process with N times the batch) agree to ~1e-12. "
+                         "Slow; memory doubles")
     _config_options(ap)
     return ap
 
@@ -186,8 +191,11 @@ def _load_models(args: argparse.Namespace):
         if not os.path.exists(path):
             raise ConfigError(f"{path} does not exist")
     hint = "pass a full Stable Diffusion checkpoint (a .safetensors with UNet, text encoder and VAE) as --checkpoint"
+    dtype = _load_dtype(args)
+    options = {"dtype": dtype} if dtype is not None else {}  # ComfyUI's own choice (from the file, the device) else
     try:
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True)[:3]
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(args.checkpoint, output_vae=True, output_clip=True,
+                                                                 model_options=options, te_model_options=options)[:3]
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{args.checkpoint} is not a checkpoint ComfyUI can load ({first}): {hint}") from e
@@ -195,13 +203,22 @@ def _load_models(args: argparse.Namespace):
         raise ConfigError(f"{args.checkpoint} is not a full checkpoint with a UNet and a text encoder: {hint}")
     if args.vae:
         try:
-            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True))
+            vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True), dtype=dtype)
         except Exception as e:
             raise ConfigError(f"cannot load the VAE {args.vae} ({type(e).__name__}: {e}): pass a VAE .safetensors "
                               "as --vae, or leave it out to use the checkpoint's") from e
     if vae is None:
         raise ConfigError(f"{args.checkpoint} has no VAE: pass --vae")
+    if dtype is not None and vae.vae_dtype != dtype:  # the checkpoint's VAE is built in ComfyUI's VAE dtype
+        vae.first_stage_model.to(dtype)
+        vae.vae_dtype = dtype
     return model, clip, vae
+
+
+def _load_dtype(args: argparse.Namespace):
+    """The dtype every model is loaded in: float64 under --float64, else None (ComfyUI's choice)."""
+    import torch
+    return torch.float64 if args.float64 else None
 
 
 def _write_text(path: str, text: str) -> None:
@@ -283,6 +300,9 @@ def _saved_checkpoint(ckpt: str, config: TrainConfig, out: str, world) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.float64 and config.precision != "fp32":
+        raise ConfigError(f"--float64 runs in float64 throughout: it cannot use precision {config.precision} "
+                          "(autocast to a half type); pass --precision fp32 or leave out --float64")
     comfy_dir = find_comfyui(args.comfyui)
     from .data import load_examples, parse_prompts
     ckpt = os.path.join(args.out, "checkpoint.pt")
@@ -337,7 +357,7 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     model, clip, vae = _load_models(args)
     _check_interrupt()
     reward_model = load_reward_model(args.reward, args.reward_type, clip_vision_path=args.aesthetic_clip,
-                                     device=mm.get_torch_device())
+                                     device=mm.get_torch_device(), dtype=_load_dtype(args) or torch.float32)
     reward = reward_from_model(reward_model, config.reward_scale, config.reward_offset)
     identity = run_identity(config, model=model, vae=vae, clip=clip, reward_model=reward_model, prompts=prompts,
                             images=images)

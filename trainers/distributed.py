@@ -148,7 +148,9 @@ def average_gradients(params, world: World) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    flat = torch.cat([p.grad.reshape(-1).float() for p in params]).to(_device())
+    # at least float32 (a float64 LoRA, the CLI's --float64 check, is averaged in float64)
+    flat = torch.cat([p.grad.reshape(-1).to(torch.promote_types(p.grad.dtype, torch.float32))
+                      for p in params]).to(_device())
     dist.all_reduce(flat)
     flat /= world.size
     offset = 0

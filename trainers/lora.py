@@ -50,6 +50,10 @@ def target_modules(diffusion_model: torch.nn.Module, targets) -> list[tuple[str,
 class LoraSet:
     """LoRA adapters (ComfyUI's own ``LoraDiff``) wrapped around the matching weights of a patcher.
 
+    The adapters are float32 — float64 where the adapted weight is float64 (the CLI's ``--float64``
+    check) — never a half type: the optimizer steps them in their own dtype, which fp16/bf16
+    weights would make too coarse for training.
+
     ``lora_down`` starts at zero, so the tuned model starts equal to the base; ``lora_up`` starts
     as ComfyUI's ``create_train`` makes it (Kaiming-uniform, a = √5), drawn from ``generator`` —
     never from the process-wide generator, which a sampler on another thread seeds and draws from
@@ -121,13 +125,15 @@ class LoraSet:
         return [p for a in self.adapters.values() for p in (a.lora_up.weight, a.lora_down.weight)]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """ComfyUI's LoRA layout: diffusion_model.<module>.lora_up/.lora_down/.alpha."""
+        """ComfyUI's LoRA layout: diffusion_model.<module>.lora_up/.lora_down/.alpha, in the
+        adapters' dtype (float32; float64 under ``--float64``, which ComfyUI loads as well), so a
+        checkpoint resumes bit for bit."""
         sd = {}
         for name, a in self.adapters.items():
             key = f"diffusion_model.{name}"
-            sd[f"{key}.lora_up.weight"] = a.lora_up.weight.detach().float().cpu().contiguous()
-            sd[f"{key}.lora_down.weight"] = a.lora_down.weight.detach().float().cpu().contiguous()
-            sd[f"{key}.alpha"] = a.alpha.detach().float().cpu().reshape(())
+            sd[f"{key}.lora_up.weight"] = a.lora_up.weight.detach().cpu().contiguous()
+            sd[f"{key}.lora_down.weight"] = a.lora_down.weight.detach().cpu().contiguous()
+            sd[f"{key}.alpha"] = a.alpha.detach().to(a.lora_up.weight.dtype).cpu().reshape(())
         return sd
 
     @torch.no_grad()
@@ -141,20 +147,27 @@ class LoraSet:
                 raise ConfigError(f"the checkpoint's LoRA lacks {e.args[0]} (other rank or targets?)") from e
 
 
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 weight, float32 for every other (fp32, fp16, bf16, fp8 weights)."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
 def new_adapter(weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> torch.nn.Module:
     """What ``LoRAAdapter.create_train`` returns (a ``LoraDiff``: up (out, r) Kaiming-uniform with
     a = √5, down (r, in) zero, fixed α), with every random number from ``generator`` (on the CPU,
     so a seed gives the same LoRA on any device). ``create_train`` draws from the process-wide
     generator, and so does ``LoraDiff``'s own ``nn.Linear`` initialisation (overwritten at once):
     the adapter is therefore built on the meta device, where initialisers draw nothing, and then
-    given real storage."""
+    given real storage, in ``adapter_dtype(weight)``."""
     out_dim, in_dim = weight.shape[0], weight.shape[1:].numel()
     up = torch.empty(out_dim, rank, dtype=torch.float32)
-    torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)
-    down = torch.zeros(rank, in_dim, dtype=torch.float32)
+    torch.nn.init.kaiming_uniform_(up, a=5 ** 0.5, generator=generator)  # drawn in float32 whatever the dtype:
+    dtype = adapter_dtype(weight)                                        # the same seed, the same start
+    up = up.to(dtype)
+    down = torch.zeros(rank, in_dim, dtype=dtype)
     with torch.device("meta"):
         adapter = LoraDiff((up.to("meta"), down.to("meta"), alpha, None, None, None))
-    adapter = adapter.to_empty(device=weight.device)
+    adapter = adapter.to_empty(device=weight.device).to(dtype)
     with torch.no_grad():
         adapter.lora_up.weight.copy_(up)
         adapter.lora_down.weight.copy_(down)
