@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 
-from .checkpointing import gradient_checkpointing
+from .checkpointing import checkpointed_decode, gradient_checkpointing
 from .config import TrainConfig
 from .lora import new_adapter
 from .lora import target_modules
@@ -250,9 +250,11 @@ class CompositeStep:
     no-grad calls (as ``LoraSet.merged``; here in place, so compiled callers keep their weights).
     ``denoise_steps``: how many no-grad DDPM steps run before the gradient step (None: as the
     config's schedule does; the estimate runs one, the peak is the same). ``decode_per_image``: the
-    decode with gradients one image at a time under activation checkpointing (only one image's
-    decoder activations alive in the backward pass) instead of one batched decode, as the engine's
-    ``make_decoder`` does with ``decode_checkpointing`` (None: the config's setting)."""
+    decode with gradients one image at a time under activation checkpointing, each decoder block
+    checkpointed inside it (``checkpointing.checkpointed_decode``, the engine's own call: only one
+    image's block inputs and one block's activations alive in the backward pass) instead of one
+    batched decode, as the engine's ``make_decoder`` does with ``decode_checkpointing`` (None: the
+    config's setting)."""
 
     def __init__(self, work: Workload, cfg: TrainConfig, device, denoise_steps: int | None = None,
                  batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0,
@@ -358,10 +360,7 @@ class CompositeStep:
         return x
 
     def decode(self, x0):
-        if self.decode_per_image and torch.is_grad_enabled() and x0.requires_grad:
-            return torch.cat([torch.utils.checkpoint.checkpoint(self._decode, x0[i:i + 1], use_reentrant=False)
-                              for i in range(x0.shape[0])])
-        return self._decode(x0)
+        return checkpointed_decode(self._decode, self.w.first_stage, x0, self.decode_per_image)
 
     def _decode(self, x0):
         z = self.w.latent_format.process_out(x0).to(self.w.vae_dtype)
