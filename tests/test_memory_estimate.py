@@ -316,6 +316,15 @@ def test_block_wise_decode_lowers_the_peak_and_the_estimate_follows(tiny):
     assert abs(est / block_wise - 1) < 0.10, (est, block_wise, parts)
 
 
+def test_the_refusal_suggests_decode_checkpointing_at_batch_1():
+    """The block-wise decode lowers a batch-1 step too (SDXL at 1024²), so a refusal of a run
+    with decode_checkpointing off says to turn it on whatever the batch size."""
+    ok, advice = memory.fits(2 * GiB, GiB, config(batch_size=1, sqdf_collect=1, decode_checkpointing=False))
+    assert not ok and "turn on decode_checkpointing" in advice
+    ok, advice = memory.fits(2 * GiB, GiB, config(batch_size=1, sqdf_collect=1))
+    assert not ok and "decode_checkpointing" not in advice
+
+
 def test_an_estimate_made_while_a_job_trains_on_another_thread_is_unchanged(tiny):
     """The node estimates on its own thread while a background job may be training: the tracker's
     module and optimizer hooks are process-wide, so it must listen to its own thread only — the

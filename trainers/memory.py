@@ -613,7 +613,7 @@ def fits(estimate_bytes: int, budget_bytes: int, config: TrainConfig | None = No
     else:
         if not config.grad_checkpointing:
             steps.append("turn on gradient_checkpointing")
-        if not config.decode_checkpointing and config.batch_size > 1:
+        if not config.decode_checkpointing:  # block by block inside the decoder: helps at batch 1 too
             steps.append("turn on decode_checkpointing")
         if config.batch_size > 1:
             steps.append(f"lower batch_size (now {config.batch_size}; raise grad_accum to keep the "
@@ -657,7 +657,7 @@ def _changes(cfg: TrainConfig):
     singles = []
     if not cfg.grad_checkpointing:
         singles.append(({"grad_checkpointing": True}, "turn on gradient_checkpointing"))
-    if not cfg.decode_checkpointing and cfg.batch_size > 1:
+    if not cfg.decode_checkpointing:
         singles.append(({"decode_checkpointing": True}, "turn on decode_checkpointing"))
     b = cfg.batch_size
     while b > 1:
