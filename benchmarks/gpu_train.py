@@ -208,7 +208,8 @@ def reward_fn(reward):
 
 
 # ----------------------------------------------------------------------------- 1. the estimate
-def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = False) -> dict:
+def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = False,
+              without_blocks: bool = False) -> dict:
     import torch
     from rewardtune.trainers import memory
     out = {}
@@ -232,6 +233,11 @@ def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = Fa
                 alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_per_image=False)
                 out[(model, kind)]["batched_decode_bytes"] = alt.per_kind[kind]
                 print(f"estimate {model} {kind}, the batch decoded at once (decode_checkpointing off): "
+                      f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
+            if without_blocks and kind != "sqdf_collect":
+                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_blocks=False)
+                out[(model, kind)]["no_block_decode_bytes"] = alt.per_kind[kind]
+                print(f"estimate {model} {kind}, per image without the decoder's block checkpoints: "
                       f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
         del base, vae, reward
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -361,6 +367,9 @@ def main():
     ap.add_argument("--batched-decode", action="store_true",
                     help="also estimate the step with the batch decoded at once (decode_checkpointing off; the "
                          "engine decodes one image at a time with checkpointing by default): what that saves")
+    ap.add_argument("--no-block-decode", action="store_true",
+                    help="also estimate the step with each image decoded under one checkpoint, without the "
+                         "block-wise checkpoints inside the decoder (the decode before them): what they save")
     ap.add_argument("--models", default=None, help="sd15,sdxl (default; --reduced: sd15 only, the reduced SDXL "
                                                     "UNet is 10× larger and slow on a CPU)")
     ap.add_argument("--kinds", default=",".join(KINDS), help="objectives: " + ", ".join(KINDS))
@@ -386,7 +395,7 @@ def main():
     t_all = time.perf_counter()
     result = {"device": a.device, "reduced": a.reduced, "models": models, "kinds": a.kinds}
     est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16",
-                                                   a.batched_decode)
+                                                   a.batched_decode, a.no_block_decode)
     runs = {}
     if not a.estimate_only:
         for model in models:
@@ -397,7 +406,9 @@ def main():
     print(f"\n{size}, device {a.device}, LoRA rank 8, {'fp32' if a.reduced else 'bf16'}, gradient checkpointing; "
           f"GiB = 2^30 bytes")
     per_image = any("batched_decode_bytes" in v for v in est.values())
+    no_blocks = any("no_block_decode_bytes" in v for v in est.values())
     head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + (f" {'batched':>9s}" if per_image else "")
+    head += f" {'no blocks':>9s}" if no_blocks else ""
     if runs:
         head += f" {'engine s':>9s} {'bare s':>8s} {'e/b':>5s} {'engine GiB':>10s} {'bare GiB':>9s} {'est/engine':>10s}"
         if a.compile:
@@ -415,6 +426,10 @@ def main():
                 pi = est.get((model, kind), {}).get("batched_decode_bytes")
                 row["batched_decode_bytes"] = pi
                 line += f" {(pi / GiB if pi else float('nan')):9.2f}"
+            if no_blocks:
+                nb = est.get((model, kind), {}).get("no_block_decode_bytes")
+                row["no_block_decode_bytes"] = nb
+                line += f" {(nb / GiB if nb else float('nan')):9.2f}"
             if runs:
                 eng, bare = runs[model]["engine"].get(kind, {}), runs[model]["composite"].get(kind, {})
                 row.update(engine=eng, composite=bare)

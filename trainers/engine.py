@@ -38,7 +38,7 @@ import comfy.samplers
 from .config import TrainConfig
 from .data import BatchSampler, Example
 from .atomic import atomic_write
-from .checkpointing import gradient_checkpointing
+from .checkpointing import checkpointed_decode, gradient_checkpointing
 from . import distributed
 from .distributed import World
 from .lora import LoraSet, save_lora
@@ -96,10 +96,11 @@ def make_decoder(vae, latent_format, per_image: bool = False):
     tiled decoding without a graph.
 
     ``per_image`` (TrainConfig.decode_checkpointing): with gradients, each image is decoded on its
-    own under activation checkpointing, so the backward pass holds one image's decoder activations
-    at a time (recomputed) instead of the whole batch's — the largest part of a ReFL step's peak.
-    Without gradients (sampling, SQDF collection) the batch is decoded at once either way."""
-    import torch.utils.checkpoint
+    own under activation checkpointing, and each block of the decoder is checkpointed inside it
+    (``checkpointing.checkpointed_decode``), so the backward pass holds one image's block inputs
+    and one decoder block's activations at a time instead of the whole batch's decoder
+    activations — the largest part of a ReFL step's peak. Without gradients (sampling, SQDF
+    collection) the batch is decoded at once either way."""
     first_stage = vae.first_stage_model
     first_stage.requires_grad_(False)
 
@@ -107,13 +108,7 @@ def make_decoder(vae, latent_format, per_image: bool = False):
         z = latent_format.process_out(x0).to(vae.vae_dtype)
         img = first_stage.decode(z).float()
         return ((img + 1.0) / 2.0).clamp(0.0, 1.0)
-
-    def decode(x0):
-        if not (per_image and torch.is_grad_enabled() and x0.requires_grad):
-            return decode_batch(x0)
-        return torch.cat([torch.utils.checkpoint.checkpoint(decode_batch, x0[i:i + 1], use_reentrant=False)
-                          for i in range(x0.shape[0])])
-    return decode
+    return lambda x0: checkpointed_decode(decode_batch, first_stage, x0, per_image)
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 import torch.utils.checkpoint
 
-from .checkpointing import gradient_checkpointing
+from .checkpointing import checkpointed_decode, gradient_checkpointing
 from .config import TrainConfig
 from .lora import new_adapter
 from .lora import target_modules
@@ -250,14 +250,18 @@ class CompositeStep:
     no-grad calls (as ``LoraSet.merged``; here in place, so compiled callers keep their weights).
     ``denoise_steps``: how many no-grad DDPM steps run before the gradient step (None: as the
     config's schedule does; the estimate runs one, the peak is the same). ``decode_per_image``: the
-    decode with gradients one image at a time under activation checkpointing (only one image's
-    decoder activations alive in the backward pass) instead of one batched decode, as the engine's
-    ``make_decoder`` does with ``decode_checkpointing`` (None: the config's setting)."""
+    decode with gradients one image at a time under activation checkpointing, each decoder block
+    checkpointed inside it (``checkpointing.checkpointed_decode``, the engine's own call: only one
+    image's block inputs and one block's activations alive in the backward pass) instead of one
+    batched decode, as the engine's ``make_decoder`` does with ``decode_checkpointing`` (None: the
+    config's setting). ``decode_blocks=False``: per image without the block-wise checkpoints (the
+    decode before them, for comparisons)."""
 
     def __init__(self, work: Workload, cfg: TrainConfig, device, denoise_steps: int | None = None,
                  batch_size: int | None = None, nograd_unet: Callable | None = None, seed: int = 0,
-                 decode_per_image: bool | None = None):
+                 decode_per_image: bool | None = None, decode_blocks: bool = True):
         self.w, self.cfg, self.device = work, cfg, torch.device(device)
+        self.decode_blocks = decode_blocks
         self.decode_per_image = cfg.decode_checkpointing if decode_per_image is None else decode_per_image
         self.B = batch_size or cfg.batch_size
         self.denoise_steps = denoise_steps
@@ -358,10 +362,7 @@ class CompositeStep:
         return x
 
     def decode(self, x0):
-        if self.decode_per_image and torch.is_grad_enabled() and x0.requires_grad:
-            return torch.cat([torch.utils.checkpoint.checkpoint(self._decode, x0[i:i + 1], use_reentrant=False)
-                              for i in range(x0.shape[0])])
-        return self._decode(x0)
+        return checkpointed_decode(self._decode, self.w.first_stage, x0, self.decode_per_image, self.decode_blocks)
 
     def _decode(self, x0):
         z = self.w.latent_format.process_out(x0).to(self.w.vae_dtype)
@@ -489,11 +490,13 @@ class Estimate:
 
 
 def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
-             kinds: list[str] | None = None, decode_per_image: bool | None = None) -> Estimate:
+             kinds: list[str] | None = None, decode_per_image: bool | None = None,
+             decode_blocks: bool = True) -> Estimate:
     """The peak of each step kind of ``config`` on fake copies of ``model``, ``vae``, ``reward``
     (no memory allocated; seconds for a tiny model, 1–2 minutes per kind for SD1.5 on a busy
     2-core CPU). ``decode_per_image``: the decode one image at a time with checkpointing (see
-    CompositeStep); None: as the config's ``decode_checkpointing``. See the module doc."""
+    CompositeStep); None: as the config's ``decode_checkpointing``; ``decode_blocks=False``: without
+    the block-wise checkpoints inside it. See the module doc."""
     cfg = config.validate()
     out, parts = {}, {}
     for kind in kinds or objective_kinds(cfg):
@@ -501,7 +504,7 @@ def estimate(model, vae, reward, config: TrainConfig, *, device: str = "cpu",
         work = workload_from(model, vae, reward, fake_mode=mode, device=device)
         with mode:
             step = CompositeStep(work, cfg, device, denoise_steps=1, batch_size=step_batch(cfg, kind),
-                                 decode_per_image=decode_per_image)
+                                 decode_per_image=decode_per_image, decode_blocks=decode_blocks)
             out[kind], parts[kind] = step.tracked(kind)
     return Estimate(out, parts)
 
@@ -564,7 +567,7 @@ def estimate_peak_bytes(model, vae, reward, config: TrainConfig, *, device: str 
 
 
 def measure_peak_bytes(model, vae, reward, config: TrainConfig, kind: str, *, device: str = "cpu",
-                       denoise_steps: int | None = 1) -> tuple[int, dict[str, int]]:
+                       denoise_steps: int | None = 1, decode_blocks: bool = True) -> tuple[int, dict[str, int]]:
     """The same step on the real modules (real memory), measured by the same tracker: what the
     estimate is checked against. Attaches and removes LoRA weight functions on ``model``'s
     modules, so only for a model nothing else is running."""
@@ -573,7 +576,7 @@ def measure_peak_bytes(model, vae, reward, config: TrainConfig, kind: str, *, de
     saved = {m: m.__dict__.get("weight_function") for m in unet.modules() if hasattr(m, "weight_function")}
     try:
         step = CompositeStep(work, config.validate(), device, denoise_steps=denoise_steps,
-                             batch_size=step_batch(config, kind))
+                             batch_size=step_batch(config, kind), decode_blocks=decode_blocks)
         return step.tracked(kind)
     finally:
         for m, functions in saved.items():
@@ -610,7 +613,7 @@ def fits(estimate_bytes: int, budget_bytes: int, config: TrainConfig | None = No
     else:
         if not config.grad_checkpointing:
             steps.append("turn on gradient_checkpointing")
-        if not config.decode_checkpointing and config.batch_size > 1:
+        if not config.decode_checkpointing:  # block by block inside the decoder: helps at batch 1 too
             steps.append("turn on decode_checkpointing")
         if config.batch_size > 1:
             steps.append(f"lower batch_size (now {config.batch_size}; raise grad_accum to keep the "
@@ -654,7 +657,7 @@ def _changes(cfg: TrainConfig):
     singles = []
     if not cfg.grad_checkpointing:
         singles.append(({"grad_checkpointing": True}, "turn on gradient_checkpointing"))
-    if not cfg.decode_checkpointing and cfg.batch_size > 1:
+    if not cfg.decode_checkpointing:
         singles.append(({"decode_checkpointing": True}, "turn on decode_checkpointing"))
     b = cfg.batch_size
     while b > 1:
