@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
@@ -82,18 +81,8 @@ def private_copy(model):
 
 
 def memory_budget(config: TrainConfig, device) -> tuple[int | None, str]:
-    """(bytes a run on ``device`` may use, where that number comes from), or (None, why there is
-    no check). ``memory_budget_gb`` wins; else the GPU's total memory as ComfyUI reads it, less
-    ComfyUI's own reserve (``extra_reserved_memory``: the CUDA context, other programs). On the
-    CPU there is no card to fit: no check unless a budget is set."""
-    if config.memory_budget_gb > 0:
-        return int(config.memory_budget_gb * memory.GiB), "memory_budget_gb"
-    device = torch.device(device)
-    if device.type == "cpu":
-        return None, ("not checked: the model runs on the CPU (no card to fit); set memory_budget_gb in "
-                      "config_json to check against a budget")
-    total = mm.get_total_memory(device)
-    return max(total - mm.extra_reserved_memory(), 0), f"{mm.get_torch_device_name(device)}, {memory._gib(total)}"
+    """The node's budget: ``trainers.memory.device_budget`` (one function for node and CLI)."""
+    return memory.device_budget(config, device)
 
 
 def _size(n: int) -> str:
@@ -111,26 +100,9 @@ class MemoryPlan:
 
 
 def _step_estimate(config: TrainConfig, model, vae, reward) -> tuple[str, int | None, int | None]:
-    """(the summary's memory line, the step's estimated peak, the budget): peak and budget are None
-    where nothing was checked. Raises ConfigError when the step alone will not fit."""
-    budget, source = memory_budget(config, getattr(model, "load_device", mm.get_torch_device()))
-    if budget is None:
-        return f"memory: {source}", None, None
-    t0 = time.perf_counter()
-    # the node body runs under inference_mode; the estimate's step needs autograd (on fake tensors)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            est, cached = memory.cached_estimate(model, vae, reward, config)
-    except Exception as e:  # noqa: BLE001 - a model the estimate cannot rebuild must not stop the training
-        import logging
-        logging.getLogger("rewardtune.jobs").warning("RewardTune: memory estimate failed, not checked", exc_info=True)
-        return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})", None, budget
-    how = "cached estimate" if cached else f"estimated in {time.perf_counter() - t0:.1f} s"
-    ok, message = memory.fits(est.peak, budget, config)
-    if not ok:
-        raise ConfigError(f"{message}. (Budget: {source}; {how}. The estimate is the step's peak on the CPU "
-                          "under FakeTensorMode; to train anyway, set a larger memory_budget_gb in config_json.)")
-    return f"memory: {message} ({source}; {how})", est.peak, budget
+    """(the summary's memory line, the step's estimated peak, the budget): ``memory.check_budget``,
+    the same check the CLI makes. Raises ConfigError when the step alone will not fit."""
+    return memory.check_budget(config, model, vae, reward, where="config_json")
 
 
 def check_memory(config: TrainConfig, model, vae, reward) -> str:

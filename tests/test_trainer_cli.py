@@ -42,6 +42,7 @@ def test_cli_trains_refuses_to_overwrite_and_resumes(cli, tmp_path):
     out = tmp_path / "run"
     proc = cli("--objective", "refl", "--prompts", "a red apple\n# a comment\na blue car", "--out", str(out), *SMALL)
     assert "finished step 2" in proc.stdout
+    assert "memory: not checked: the model runs on the CPU" in proc.stdout  # no budget on the CPU: said, not hidden
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2] and all("reward" in m for m in lines)
     from safetensors.torch import load_file
@@ -62,6 +63,19 @@ def test_cli_trains_refuses_to_overwrite_and_resumes(cli, tmp_path):
         "--steps", "3")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
+
+
+def test_cli_refuses_a_run_over_the_memory_budget_before_it_starts(cli, tmp_path):
+    """The node's check (memory.check_budget) runs in the CLI too: a step over --memory-budget-gb is
+    refused before anything is written, saying what to lower; --skip-memory-check starts anyway."""
+    out = tmp_path / "run"
+    args = ["--objective", "refl", "--prompts", "p", "--out", str(out), *SMALL, "--memory-budget-gb", "0.001"]
+    tight = cli(*args, check=False)
+    assert tight.returncode == 2, tight.stderr
+    assert "this run will not fit" in tight.stderr and "To fit:" in tight.stderr and "--skip-memory-check" in tight.stderr
+    assert not out.exists()  # nothing started
+    skipped = cli(*args, "--skip-memory-check", "--steps", "1")
+    assert "finished step 1" in skipped.stdout and "memory:" not in skipped.stdout
 
 
 def test_cli_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(cli, tmp_path):

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the options below override it")
     ap.add_argument("--comfyui", help="the ComfyUI folder (default: $COMFYUI_DIR, or the one this pack is in)")
     ap.add_argument("--cpu", action="store_true", help="train on the CPU")
+    ap.add_argument("--skip-memory-check", action="store_true",
+                    help="start without estimating the step's memory peak against the GPU (or --memory-budget-gb); "
+                         "the estimate runs on the CPU before the first step, seconds for SD1.5, minutes for SDXL")
     ap.add_argument("--float64", action="store_true",
                     help="a checking mode, not for training: the UNet, text encoder, VAE, reward model and LoRA in "
                          "float64 (with --precision fp32), so that runs which differ only in float32 rounding (e.g. "
@@ -343,6 +346,26 @@ def _test_exit_step(world) -> int | None:
     return step if rank == world.rank else None
 
 
+def _check_memory(config, model, vae, reward_model, world) -> str:
+    """The trainer node's check before a run (``memory.check_budget``): refuses a step that will
+    not fit the GPU, or --memory-budget-gb, saying what to lower. Under torchrun rank 0 estimates
+    (on the CPU, once) and tells the others."""
+    import torch.distributed
+    from . import memory
+    result = [None, None]  # (the line, the refusal)
+    if world.is_main:
+        try:
+            result[0] = memory.check_budget(config, model, vae, reward_model,
+                                            where="--memory-budget-gb, or --skip-memory-check")[0]
+        except ConfigError as e:
+            result[1] = str(e)
+    if world.distributed:
+        torch.distributed.broadcast_object_list(result, src=0)
+    if result[1] is not None:
+        raise ConfigError(result[1])
+    return result[0]
+
+
 def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int:
     import torch.distributed
     _import_comfy(comfy_dir, args.cpu)
@@ -362,11 +385,16 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     identity = run_identity(config, model=model, vae=vae, clip=clip, reward_model=reward_model, prompts=prompts,
                             images=images)
 
+    main = world.is_main  # torchrun: rank 0 writes the run's files, every rank checks the inputs
+    if not args.skip_memory_check:
+        line = _check_memory(config, model, vae, reward_model, world)
+        if main:
+            print(line, flush=True)
+
     # from here on Ctrl-C stops after the current step and saves: nothing below is left half-done
     _check_interrupt()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step …", flush=True), stop.set()))
-    main = world.is_main  # torchrun: rank 0 writes the run's files, every rank checks the inputs
     if main:
         os.makedirs(args.out, exist_ok=True)
     _check_fingerprint(args.out, identity, resume, write=main)

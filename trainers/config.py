@@ -98,8 +98,9 @@ class TrainConfig:
     grad_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass: much less "
                                               "memory, ~30% slower")
     decode_checkpointing: bool = setting(True, "decode the images for the reward one at a time, recomputing the "
-                                               "VAE decoder's activations in the backward pass: the decode's memory "
-                                               "is one image's instead of the batch's (same gradients, a little slower)")
+                                               "VAE decoder's activations block by block in the backward pass: the "
+                                               "decode's memory is one decoder block's of one image instead of the "
+                                               "whole batch's (same gradients; the decoder runs three times)")
     memory_budget_gb: float = setting(0.0, "device memory (GiB) the run must fit: the trainer node estimates a "
                                            "step's peak and refuses a run above it before it starts; 0 = the "
                                            "GPU's own memory (no check on the CPU)")

@@ -673,3 +673,53 @@ def _changes(cfg: TrainConfig):
     if not cfg.grad_checkpointing:
         for change, text in singles[1:]:
             yield {**change, "grad_checkpointing": True}, f"turn on gradient_checkpointing and {text}"
+
+
+# ------------------------------------------------------------------------------ the check before a run
+def device_budget(config: TrainConfig, device) -> tuple[int | None, str]:
+    """(bytes a run on ``device`` may use, where that number comes from), or (None, why there is
+    no check). ``memory_budget_gb`` wins; else the GPU's total memory as ComfyUI reads it, less
+    ComfyUI's own reserve (``extra_reserved_memory``: the CUDA context, other programs). On the
+    CPU there is no card to fit: no check unless a budget is set."""
+    import comfy.model_management as mm
+    if config.memory_budget_gb > 0:
+        return int(config.memory_budget_gb * GiB), "memory_budget_gb"
+    device = torch.device(device)
+    if device.type == "cpu":
+        return None, "not checked: the model runs on the CPU (no card to fit); set memory_budget_gb to check"
+    total = mm.get_total_memory(device)
+    return max(total - mm.extra_reserved_memory(), 0), f"{mm.get_torch_device_name(device)}, {_gib(total)}"
+
+
+def check_budget(config: TrainConfig, model, vae, reward, *, where: str = "config_json") \
+        -> tuple[str, int | None, int | None]:
+    """The check the trainer node and the CLI make before a run: the step's peak estimated on fake
+    copies of the models (``cached_estimate``: no memory allocated; once per architecture and
+    memory settings in a process; minutes at real size on the CPU) against ``device_budget`` for
+    the model's device. Returns (a line for the summary or log, the estimated peak, the budget):
+    the peak is None where nothing was estimated, the budget None where there is no budget.
+    Raises ConfigError saying what to lower when the step will not fit. A model the estimate
+    cannot rebuild is logged and not checked: the training itself must not fail on the estimate.
+    ``where``: how the user sets memory_budget_gb, for the messages."""
+    import logging
+    import time
+
+    import comfy.model_management as mm
+    from .config import ConfigError
+    budget, source = device_budget(config, getattr(model, "load_device", None) or mm.get_torch_device())
+    if budget is None:
+        return f"memory: {source} ({where})", None, None
+    t0 = time.perf_counter()
+    try:
+        # the node body runs under inference_mode; the estimate's step needs autograd (on fake tensors)
+        with torch.inference_mode(False), torch.enable_grad():
+            est, cached = cached_estimate(model, vae, reward, config)
+    except Exception as e:  # noqa: BLE001 - a model the estimate cannot rebuild must not stop the training
+        logging.getLogger("rewardtune").warning("RewardTune: memory estimate failed, not checked", exc_info=True)
+        return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})", None, budget
+    how = "cached estimate" if cached else f"estimated in {time.perf_counter() - t0:.1f} s"
+    ok, message = fits(est.peak, budget, config)
+    if not ok:
+        raise ConfigError(f"{message}. (Budget: {source}; {how}. The estimate is the step's peak on the CPU "
+                          f"under FakeTensorMode; to train anyway, set a larger memory_budget_gb ({where}).)")
+    return f"memory: {message} ({source}; {how})", est.peak, budget
