@@ -46,7 +46,7 @@ from .checkpointing import checkpointed_decode, gradient_checkpointing
 from .config import TrainConfig
 from .lora import new_adapter
 from .lora import target_modules
-from .steps import sampling_steps
+from .steps import comfy_training_mode, sampling_steps
 
 GiB = 2 ** 30
 MiB = 2 ** 20
@@ -207,6 +207,10 @@ class Workload:
     vae_dtype: torch.dtype = torch.float32
     downscale: int = 8
     modules: list = field(default_factory=list)
+    #: the graph's BaseModel, for models the direct UNet call does not fit (``context_dim`` absent
+    #: from their config: flow transformers): the step then calls ``apply_model`` as the sampler does
+    base_model: object = None
+    pooled_dim: int = 0
 
 
 def workload_from(model, vae, reward, *, fake_mode=None, device: str | torch.device = "cpu") -> Workload:
@@ -233,11 +237,44 @@ def workload_from(model, vae, reward, *, fake_mode=None, device: str | torch.dev
             return _r.training_reward(images, prompts, layout="BCHW")
     else:
         reward_fn = reward_module
+    # The direct call (``_x0``: ``unet(x, t, context=(B, 77, context_dim), y=(B, adm))``) is
+    # ComfyUI's UNetModel contract, the one whose config declares ``context_dim``. A model without
+    # it (Flux, SD3.5, Z-Image…: transformers with their own conditioning inputs) is called through
+    # its BaseModel's ``apply_model`` with the conds of its own ``extra_conds`` (``_generic_conds``).
+    direct = unet_config.get("context_dim") is not None
     return Workload(unet, ms, base.latent_format, first_stage, reward_fn,
-                    context_dim=int(unet_config.get("context_dim") or 768),
-                    adm_channels=int(unet_config.get("adm_in_channels") or 0), vae_dtype=vae_dtype,
+                    context_dim=int(unet_config.get("context_dim") or _text_width(unet_config)),
+                    adm_channels=int(unet_config.get("adm_in_channels") or 0) if direct else 0,
+                    base_model=None if direct else base,
+                    pooled_dim=0 if direct else int(unet_config.get("vec_in_dim") or unet_config.get("adm_in_channels")
+                                                    or 0),
+                    vae_dtype=vae_dtype,
                     downscale=int(getattr(vae, "downscale_ratio", 8) if isinstance(getattr(vae, "downscale_ratio", 8), int) else 8),
                     modules=[unet, first_stage] + ([reward_module] if isinstance(reward_module, torch.nn.Module) else []))
+
+
+def _text_width(unet_config: dict) -> int:
+    """Width of the text encoder's token output a model without ``context_dim`` takes, from the
+    names ComfyUI's model detection gives it: ``context_in_dim`` (double-stream transformers),
+    ``context_embedder_config`` (MMDiT), ``cap_feat_dim`` (NextDiT)."""
+    if unet_config.get("context_in_dim"):
+        return int(unet_config["context_in_dim"])
+    embedder = unet_config.get("context_embedder_config") or {}
+    if embedder.get("params", {}).get("in_features"):
+        return int(embedder["params"]["in_features"])
+    if unet_config.get("cap_feat_dim"):
+        return int(unet_config["cap_feat_dim"])
+    raise ValueError("the estimate cannot tell the text conditioning width this model takes "
+                     f"(no context_dim, context_in_dim, context_embedder_config or cap_feat_dim in {sorted(unet_config)})")
+
+
+def _with_diffusion_model(base, unet):
+    """A shallow copy of the BaseModel ``base`` running ``unet`` (a fake copy): ``apply_model`` and
+    ``extra_conds`` as the graph's model has them, the original's modules untouched."""
+    out = copy.copy(base)
+    out._modules = dict(base._modules)
+    out._modules["diffusion_model"] = unet
+    return out
 
 
 class CompositeStep:
@@ -296,6 +333,12 @@ class CompositeStep:
         self.context = torch.randn(self.B, TOKENS, work.context_dim, device=self.device).to(dt)
         self.uncontext = torch.randn(self.B, TOKENS, work.context_dim, device=self.device).to(dt)
         self.y = torch.randn(2 * self.B, work.adm_channels, device=self.device).to(dt) if work.adm_channels else None
+        self.conds: dict = {}  # the generic path's extra conds for the cond+uncond batch (2B)
+        if work.base_model is not None:
+            self.model = _with_diffusion_model(work.base_model, unet)
+            self.nograd_model = self.model if nograd_unet is None else _with_diffusion_model(work.base_model,
+                                                                                             nograd_unet)
+            self.conds = self._generic_conds()
         self.options = {"optimized_attention_override": _sdpa_override}
         self.nograd_unet = nograd_unet or unet
         self.prompts = ["a prompt"] * self.B
@@ -304,7 +347,36 @@ class CompositeStep:
     def _randn(self, shape):
         return torch.randn(shape, generator=self.gen).to(self.device)
 
+    def _generic_conds(self) -> dict:
+        """The model's own ``extra_conds`` for what a text encoder gives (tokens of its width,
+        ``TOKENS`` long; a pooled vector where it takes one), as ComfyUI's sampler makes them
+        (``encode_model_conds``), batched for cond+uncond; the cross-attention itself is
+        ``context``/``uncontext``, passed per call. (Flux's guidance: its extra_conds' default.)"""
+        n = 2 * self.B
+        kw = {"cross_attn": torch.cat([self.context, self.uncontext]), "device": self.device,
+              "noise": torch.zeros((n,) + self.latent_shape[1:], device=self.device),
+              "width": self.cfg.width, "height": self.cfg.height, "prompt_type": "positive"}
+        if self.w.pooled_dim:
+            kw["pooled_output"] = torch.randn(n, self.w.pooled_dim, device=self.device).to(self.dtype)
+        out = {}
+        for name, cond in self.model.extra_conds(**kw).items():
+            if name == "c_crossattn":
+                continue
+            out[name] = cond.process_cond(batch_size=n, device=self.device, area=None).cond
+        return out
+
+    def _generic_x0(self, model, x, sigma, context):
+        """``apply_model`` as the sampler calls it; extra conds cut to the batch (cond only: the first B)."""
+        sig = sigma.reshape(-1).expand(x.shape[0]).to(x)
+        extra = {k: v[: x.shape[0]] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 * self.B else v
+                 for k, v in self.conds.items()}
+        return model.apply_model(x, sig, c_crossattn=context, c_concat=extra.pop("c_concat", None),
+                                 transformer_options=dict(self.options), **extra).float()
+
     def _x0(self, unet, x, sigma, context, y):
+        if self.w.base_model is not None:  # a model without the UNet contract (see workload_from)
+            model = self.model if unet is self.w.diffusion_model else self.nograd_model
+            return self._generic_x0(model, x, sigma, context)
         ms = self.w.model_sampling
         sig = sigma.reshape(-1).expand(x.shape[0]).to(x)
         xc = ms.calculate_input(sig, x).to(self.dtype)
@@ -419,6 +491,13 @@ class CompositeStep:
 
     def step(self, kind: str):
         """One optimizer step of ``kind`` (refl, imagerefl, sqdf_update, sqdf_collect)."""
+        # comfy_training_mode: the plain-torch rotary embeddings the engine trains with (flow
+        # transformers' fused kernels have no backward), also for a checkpointed recomputation in
+        # the backward pass; no effect on UNets
+        with comfy_training_mode():
+            self._step(kind)
+
+    def _step(self, kind: str):
         self.optimizer.zero_grad(set_to_none=True)
         cfg = self.cfg
         with gradient_checkpointing(self.w.diffusion_model, cfg.grad_checkpointing), \
@@ -446,7 +525,8 @@ class CompositeStep:
         """Peak live bytes of one steady-state step of ``kind`` (weights and optimizer state included)."""
         self.warm_optimizer()
         return tracked_peak(lambda: self.step(kind), *self.w.modules, *self.adapters, self.optimizer,
-                            self.context, self.uncontext, self.y)
+                            self.context, self.uncontext, self.y,
+                            *[v for v in self.conds.values() if isinstance(v, torch.Tensor)])
 
 
 def _adapter(weight, rank: int, alpha: float, generator):
