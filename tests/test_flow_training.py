@@ -336,24 +336,29 @@ def test_gradient_checkpointing_on_flux_gives_the_same_gradients(host, flow_tree
     assert not [m for m in dm.modules() if "forward" in m.__dict__]
 
 
-@pytest.mark.parametrize("fam", ["flux_dev", "sd35"])
-def test_memory_estimate_on_a_flow_model_is_within_10_percent_and_checks_the_run(host, flow_tree, fam):
+@pytest.mark.parametrize("fam,objective", [("flux_dev", "refl"), ("sd35", "refl"), ("zimage", "refl"),
+                                           ("flux_dev", "imagerefl"), ("flux_dev", "sqdf")])
+def test_memory_estimate_on_a_flow_model_is_within_10_percent_and_checks_the_run(host, flow_tree, fam, objective):
     """The FakeTensor estimate rebuilds a flow transformer's step through its BaseModel's
-    ``apply_model`` with the conds of its own ``extra_conds`` (no UNet ``context_dim``): ReFL's
-    estimate is within 10 % of the same tracker on the real tiny step, and the node's check
+    ``apply_model`` with the conds of its own ``extra_conds`` (no UNet ``context_dim``): each step
+    kind's estimate is within 10 % of the same tracker on the real tiny step, and the node's check
     (``check_budget`` with a budget) estimates the run instead of training it unchecked."""
     from rewardtune.trainers import memory
     patcher, vae, _ = flow_setup(host, fam)
 
     def reward(images, prompts):
         return images.mean(dim=(1, 2, 3))
-    cfg = flow_cfg(objective="refl").validate()
+    cfg = flow_cfg(objective=objective).validate()
     est = memory.estimate(patcher, vae, reward, cfg)
-    real, parts = memory.measure_peak_bytes(patcher, vae, reward, cfg, "refl")
-    assert abs(est.per_kind["refl"] / real - 1) < 0.10, (est.per_kind, est.breakdown, real, parts)
-    assert parts["Activation"] + parts.get("Temp", 0) > 0.2 * real  # the step, not only the weights
+    assert set(est.per_kind) == set(memory.objective_kinds(cfg))
+    for kind, peak in est.per_kind.items():
+        real, parts = memory.measure_peak_bytes(patcher, vae, reward, cfg, kind)
+        assert abs(peak / real - 1) < 0.10, (kind, peak, real, est.breakdown[kind], parts)
+        if kind != "sqdf_collect":  # the step with gradients, not only the weights
+            assert parts["Activation"] + parts.get("Temp", 0) > 0.2 * real, (kind, parts)
     assert all(not m.__dict__.get("weight_function") for m in patcher.model.diffusion_model.modules())
 
-    line, peak, budget = memory.check_budget(flow_cfg(objective="refl", memory_budget_gb=64), patcher, vae, reward)
+    line, peak, budget = memory.check_budget(flow_cfg(objective=objective, memory_budget_gb=64), patcher, vae,
+                                             reward)
     assert "not checked" not in line and "fits the 64.0 GiB available" in line, line
     assert peak == est.peak and budget == 64 * memory.GiB

@@ -1,7 +1,10 @@
 """Peak memory of a training step, known before the run starts, without a GPU.
 
 One step of an objective (ReFL, ImageReFL, SQDF collection and update) is rebuilt from public
-pieces — the graph's own UNet module (ComfyUI's ``UNetModel``), ComfyUI's ``LoraDiff`` adapters as
+pieces — the graph's own UNet module (ComfyUI's ``UNetModel``, called directly; a model without its
+``context_dim`` contract, such as a flow transformer (Flux, SD3.5, Z-Image), through a shallow copy
+of its BaseModel's ``apply_model`` with the conds of its own ``extra_conds``, as the sampler calls
+it), ComfyUI's ``LoraDiff`` adapters as
 the engine attaches them (``trainers.lora.new_adapter``, applied through the ops' weight functions),
 the VAE's ``first_stage_model.decode`` with gradients, the reward model, AdamW — and run on *fake*
 copies of the models under ``FakeTensorMode``: every tensor has its shape, dtype and device but no
@@ -21,9 +24,10 @@ What the estimate follows from the config: objective (and ImageReFL's ReFL regul
 size, width × height, LoRA rank and targets, precision (autocast), gradient checkpointing of the
 UNet. What it assumes, as the engine does on a GPU: conditional and unconditional branches in one
 UNet batch (ComfyUI batches them when memory allows; the estimate is the larger case), 77-token
-conditioning, PyTorch SDPA attention (ComfyUI's default on NVIDIA GPUs) in UNet and VAE, the models
-resident on the device for the whole step (no low-VRAM partial loading), the text encoder not
-(conditioning is encoded once, before the step). The no-grad denoising steps before the gradient
+conditioning (of the text width the model's config names; Flux's T5 pads to 256 tokens and SD3.5
+sends 154, a few % more activations at 1024² than estimated), PyTorch SDPA attention (ComfyUI's
+default on NVIDIA GPUs) in UNet and VAE, the models resident on the device for the whole step (no
+low-VRAM partial loading), the text encoder not (conditioning is encoded once, before the step). The no-grad denoising steps before the gradient
 step each free their activations, so one of them stands for all.
 
 Known gaps: the fake tensors live on the "cpu" device where no CUDA is present (autograd's engine
