@@ -80,11 +80,6 @@ def private_copy(model):
     return model.clone(force_deepcopy=True)
 
 
-def memory_budget(config: TrainConfig, device) -> tuple[int | None, str]:
-    """The node's budget: ``trainers.memory.device_budget`` (one function for node and CLI)."""
-    return memory.device_budget(config, device)
-
-
 def _size(n: int) -> str:
     """Bytes for the summary: GiB from 1 GiB up, MiB below (a tiny model's sizes stay readable)."""
     return memory._gib(n) if n >= memory.GiB else f"{n / 2 ** 20:.1f} MiB"
@@ -99,24 +94,12 @@ class MemoryPlan:
     shared: bool
 
 
-def _step_estimate(config: TrainConfig, model, vae, reward) -> tuple[str, int | None, int | None]:
-    """(the summary's memory line, the step's estimated peak, the budget): ``memory.check_budget``,
-    the same check the CLI makes. Raises ConfigError when the step alone will not fit."""
-    return memory.check_budget(config, model, vae, reward, where="config_json")
-
-
-def check_memory(config: TrainConfig, model, vae, reward) -> str:
-    """Refuse, before a job starts, a run whose training step will not fit the device: the step's
-    peak is estimated on fake copies of the models (``trainers.memory``: no memory allocated, once
-    per architecture and memory settings in this process, minutes at real size on the CPU) and
-    compared with ``memory_budget``. Returns the summary's memory line; raises ConfigError saying
-    what to lower."""
-    return _step_estimate(config, model, vae, reward)[0]
-
-
 def plan_memory(config: TrainConfig, model, vae, reward, mode: str) -> MemoryPlan:
-    """``check_memory``, then where the job trains (``config.unet_copy``; see ``plan_unet``)."""
-    line, peak, budget = _step_estimate(config, model, vae, reward)
+    """Refuse, before a job starts, a run whose training step will not fit the device
+    (``memory.check_budget``, the same check the CLI makes: the step's peak estimated on fake copies
+    of the models, compared with the budget; raises ConfigError saying what to lower), then decide
+    where the job trains (``config.unet_copy``; see ``plan_unet``)."""
+    line, peak, budget = memory.check_budget(config, model, vae, reward, where="config_json")
     shared, unet = plan_unet(config, model, mode, peak, budget)
     return MemoryPlan(line, unet, shared)
 

@@ -129,7 +129,8 @@ class TrainRewardLoRA(io.ComfyNode):
                         "newest checkpoint. Queueing the same graph again attaches to or resumes the job.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The model to tune (SD1.5 or SDXL UNet). It is not changed: the LoRA "
+                io.Model.Input("model", tooltip="The model to tune (SD1.5, SDXL, or a flow model: Flux, SD3.5, "
+                                                "Z-Image). It is not changed: the LoRA "
                                                 "is trained on a copy, or, on a card too small for one (mode wait), "
                                                 "on its weights and taken off again (config_json unet_copy)."),
                 io.Clip.Input("clip", tooltip="Encodes the prompts and captions."),

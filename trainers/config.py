@@ -197,7 +197,7 @@ class TrainConfig:
                      f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
             need(self.sqdf_buffer >= self.sqdf_collect,
                  f"the replay buffer ({self.sqdf_buffer}) must hold at least one step's trajectories ({self.sqdf_collect})")
-        need(math.isfinite(self.memory_budget_gb) and self.memory_budget_gb >= 0,
+        need(self.memory_budget_gb >= 0,
              f"memory_budget_gb must be ≥ 0 (0 = the GPU's own memory), got {self.memory_budget_gb!r}")
         need(self.unet_copy in UNET_COPIES,
              f"unet_copy must be one of {', '.join(UNET_COPIES)} (auto: decided from the memory budget), "

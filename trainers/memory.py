@@ -48,8 +48,7 @@ import torch.utils.checkpoint
 
 from .checkpointing import checkpointed_decode, gradient_checkpointing
 from .config import TrainConfig
-from .lora import new_adapter
-from .lora import target_modules
+from .lora import new_adapter, target_modules
 from .steps import comfy_training_mode, sampling_steps
 
 GiB = 2 ** 30
