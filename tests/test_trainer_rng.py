@@ -42,6 +42,33 @@ def test_training_and_resuming_leave_the_process_wide_generator_alone(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, _global_states())), "a resume touched the global RNG"
 
 
+def test_checkpointed_recomputation_does_not_set_the_process_wide_generator(tmp_path):
+    """A foreground sampler drawing from the process-wide generator while a job runs its backward
+    pass, without threads: every convolution of the UNet and the VAE draws one number from that
+    generator each time it runs — in the forward passes and in the recomputations of the UNet's
+    gradient checkpoints and the block-wise decode. The draws must continue one stream, as if the
+    job were not there. torch's checkpoint with RNG preservation set the generator back to the
+    forward pass's state for each recomputation (and restored it after): draws repeated, which on
+    the server changed a foreground prompt's noise (trainers/checkpointing.py's module doc)."""
+    patcher, vae = tiny_setup()
+    convs = [m for root in (patcher.model.diffusion_model, vae.first_stage_model) for m in root.modules()
+             if isinstance(m, torch.nn.Conv2d)]
+    draws = []
+    handles = [m.register_forward_hook(lambda *_: draws.append(torch.rand(()).item())) for m in convs]
+    torch.manual_seed(4321)
+    try:
+        train(patcher, vae, pattern_reward, small(steps=1, grad_checkpointing=True, decode_checkpointing=True, **FAST),
+              encode=encode, prompts=["p", "q"], out_dir=str(tmp_path))
+    finally:
+        for h in handles:
+            h.remove()
+    torch.manual_seed(4321)
+    alone = [torch.rand(()).item() for _ in draws]
+    assert len(draws) > 100  # the convolutions ran, recomputations included
+    repeated = sum(a != b for a, b in zip(draws, alone))
+    assert repeated == 0, f"{repeated} of {len(draws)} draws were not the stream's next number"
+
+
 def test_a_foreground_sampler_on_another_thread_changes_neither_the_lora_nor_its_own_noise(tmp_path):
     """An undisturbed 2-step run against a 1-step run resumed to 2 steps while another thread
     does what a foreground KSampler does (``prepare_noise``: reseed the global generator, draw

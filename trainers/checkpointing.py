@@ -11,6 +11,13 @@ The recomputation runs under the weight functions (ComfyUI's LoRA wrappers) each
 forward pass, not those it has when backward runs: SQDF's reference call takes the LoRA off for its
 forward, and recomputing it with the LoRA back on failed ("Recomputed values … have different
 metadata").
+
+Every checkpoint here is taken without torch's RNG preservation (``_checkpoint``): restoring the
+forward pass's RNG state for the recomputation sets the process-wide generators, and a job training
+on a worker thread would then change the noise of a prompt sampling on the main thread at that
+moment (tests/test_trainer_rng.py saw 3 of 10960 foreground draws changed). Nothing checkpointed
+here draws random numbers: the models run in eval mode (ComfyUI puts diffusion models and VAEs
+there: dropout off), and the training noise comes from the job's own generator outside them.
 """
 from __future__ import annotations
 
@@ -19,6 +26,13 @@ import weakref
 
 import torch
 import torch.utils.checkpoint
+
+
+def _checkpoint(function, *args, **kwargs):
+    """torch's non-reentrant activation checkpoint, without saving and restoring the global RNG
+    state (see the module doc). ``kwargs`` are the checkpointed function's."""
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False,
+                                             **kwargs)
 
 
 def _blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -145,12 +159,12 @@ def _checkpointed(forward, layers, watch: bool = False):
         state = [(list(w) if w is not None else None, list(b) if b is not None else None)
                  for w, b in _functions(layers)]
         if not watch:
-            return torch.utils.checkpoint.checkpoint(
-                _on_copies, forward, *args, use_reentrant=False,
+            return _checkpoint(
+                _on_copies, forward, *args,
                 context_fn=lambda: (contextlib.nullcontext(), _recomputation(layers, state)), **kwargs)
         seen = {"inputs": True, "saved": True}
-        return torch.utils.checkpoint.checkpoint(
-            _watched, forward, seen, *args, use_reentrant=False,
+        return _checkpoint(
+            _watched, forward, seen, *args,
             context_fn=lambda: (contextlib.nullcontext(), _recomputation(layers, state, seen)), **kwargs)
     return run
 
@@ -262,5 +276,4 @@ def checkpointed_decode(decode_batch, first_stage: torch.nn.Module, x0: torch.Te
     def one_image(z):  # the blocks are wrapped again when the backward pass recomputes this
         with decoder_checkpointing(first_stage) if blocks else contextlib.nullcontext():
             return decode_batch(z)
-    return torch.cat([torch.utils.checkpoint.checkpoint(one_image, x0[i:i + 1], use_reentrant=False)
-                      for i in range(x0.shape[0])])
+    return torch.cat([_checkpoint(one_image, x0[i:i + 1]) for i in range(x0.shape[0])])
