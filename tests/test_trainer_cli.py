@@ -80,9 +80,8 @@ def test_cli_refuses_a_run_over_the_memory_budget_before_it_starts(cli, tmp_path
 
 def test_cli_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(cli, tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, TRAIN, *cli.base, "--objective", "refl", "--prompts", "p", "--out", str(out),
-            *SMALL[2:], "--steps", "1000", "--save-every", "1000"]
-    proc = subprocess.Popen(args, env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = _start(cli, "--objective", "refl", "--prompts", "p", "--out", str(out), *SMALL[2:], "--steps", "1000",
+                  "--save-every", "1000")
     for line in proc.stdout:
         if line.startswith("step 2/1000"):
             break
@@ -138,8 +137,12 @@ def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
 
 
 def _start(cli, *args) -> subprocess.Popen:
+    """train.py as a user starts it in a terminal: Ctrl-C (SIGINT) at its default disposition. A test
+    run launched in the background (``… &`` from a script: SIGINT ignored, and inherited so) would
+    otherwise start the CLI with SIGINT ignored, which it leaves so on purpose (nohup)."""
     return subprocess.Popen([sys.executable, TRAIN, *cli.base, *args], env=cli.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _kill_at(cli, line_start: str, *args) -> None:
