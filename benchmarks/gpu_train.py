@@ -208,8 +208,18 @@ def reward_fn(reward):
 
 
 # ----------------------------------------------------------------------------- 1. the estimate
-def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = False,
-              without_blocks: bool = False) -> dict:
+# Other decodes the estimate can also price, for comparison (the engine decodes one image at a time,
+# each decoder block checkpointed): result key → (column, memory.estimate options, what the line says)
+DECODE_VARIANTS = {
+    "batched_decode_bytes": ("batched", dict(decode_per_image=False),
+                             "the batch decoded at once (decode_checkpointing off)"),
+    "no_block_decode_bytes": ("no blocks", dict(decode_blocks=False),
+                              "per image without the decoder's block checkpoints"),
+}
+
+
+def estimates(models, kinds, reduced: bool, precision: str, variants=()) -> dict:
+    """Each (model, kind)'s estimate, and that of each of ``variants`` (keys of DECODE_VARIANTS)."""
     import torch
     from rewardtune.trainers import memory
     out = {}
@@ -229,16 +239,11 @@ def estimates(models, kinds, reduced: bool, precision: str, per_image: bool = Fa
                                       seconds=time.perf_counter() - t0, build_seconds=built)
             print(f"estimate {model} {kind}: {est.per_kind[kind] / GiB:.2f} GiB "
                   f"({time.perf_counter() - t0:.0f} s on the CPU)", flush=True)
-            if per_image and kind != "sqdf_collect":
-                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_per_image=False)
-                out[(model, kind)]["batched_decode_bytes"] = alt.per_kind[kind]
-                print(f"estimate {model} {kind}, the batch decoded at once (decode_checkpointing off): "
-                      f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
-            if without_blocks and kind != "sqdf_collect":
-                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], decode_blocks=False)
-                out[(model, kind)]["no_block_decode_bytes"] = alt.per_kind[kind]
-                print(f"estimate {model} {kind}, per image without the decoder's block checkpoints: "
-                      f"{alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
+            for key in variants if kind != "sqdf_collect" else ():  # the collection decodes without gradients
+                _, options, what = DECODE_VARIANTS[key]
+                alt = memory.estimate(base, vae, reward, cfg, kinds=[kind], **options)
+                out[(model, kind)][key] = alt.per_kind[kind]
+                print(f"estimate {model} {kind}, {what}: {alt.per_kind[kind] / GiB:.2f} GiB", flush=True)
         del base, vae, reward
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -394,8 +399,9 @@ def main():
         print("no real-size run on the CPU: estimates only (add --reduced for a small CPU run)")
     t_all = time.perf_counter()
     result = {"device": a.device, "reduced": a.reduced, "models": models, "kinds": a.kinds}
-    est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16",
-                                                   a.batched_decode, a.no_block_decode)
+    variants = [key for key, on in (("batched_decode_bytes", a.batched_decode),
+                                    ("no_block_decode_bytes", a.no_block_decode)) if on]
+    est = {} if a.no_estimate else estimates(models, a.kinds, a.reduced, "fp32" if a.reduced else "bf16", variants)
     runs = {}
     if not a.estimate_only:
         for model in models:
@@ -405,10 +411,8 @@ def main():
     size = "reduced" if a.reduced else "real size"
     print(f"\n{size}, device {a.device}, LoRA rank 8, {'fp32' if a.reduced else 'bf16'}, gradient checkpointing; "
           f"GiB = 2^30 bytes")
-    per_image = any("batched_decode_bytes" in v for v in est.values())
-    no_blocks = any("no_block_decode_bytes" in v for v in est.values())
-    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + (f" {'batched':>9s}" if per_image else "")
-    head += f" {'no blocks':>9s}" if no_blocks else ""
+    shown = [key for key in DECODE_VARIANTS if any(key in v for v in est.values())]
+    head = f"{'model':6s} {'objective':13s} {'estimate':>9s}" + "".join(f" {DECODE_VARIANTS[k][0]:>9s}" for k in shown)
     if runs:
         head += f" {'engine s':>9s} {'bare s':>8s} {'e/b':>5s} {'engine GiB':>10s} {'bare GiB':>9s} {'est/engine':>10s}"
         if a.compile:
@@ -422,14 +426,9 @@ def main():
             e = est.get((model, kind), {}).get("bytes")
             row = dict(model=model, kind=kind, estimate_bytes=e)
             line = f"{model:6s} {kind:13s} {(e / GiB if e else float('nan')):9.2f}"
-            if per_image:
-                pi = est.get((model, kind), {}).get("batched_decode_bytes")
-                row["batched_decode_bytes"] = pi
-                line += f" {(pi / GiB if pi else float('nan')):9.2f}"
-            if no_blocks:
-                nb = est.get((model, kind), {}).get("no_block_decode_bytes")
-                row["no_block_decode_bytes"] = nb
-                line += f" {(nb / GiB if nb else float('nan')):9.2f}"
+            for key in shown:
+                b = row[key] = est.get((model, kind), {}).get(key)
+                line += f" {(b / GiB if b else float('nan')):9.2f}"
             if runs:
                 eng, bare = runs[model]["engine"].get(kind, {}), runs[model]["composite"].get(kind, {})
                 row.update(engine=eng, composite=bare)
