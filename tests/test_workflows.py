@@ -174,7 +174,47 @@ def test_examples_hold_the_papers_settings(info):
     assert len(sqdf["prompts"].splitlines()) == 4
     refl = inputs("train_imagerefl", "RewardTuneTrainLoRA")[0]
     assert (refl["objective"], refl["preset"], refl["dataset_folder"]) == \
-        ("imagerefl", "ImageReFL (paper, SD1.5)", "rewardtune_dataset")
+        ("imagerefl", "ImageReFL (paper, SD1.5)", "my_dataset")
+
+
+# how the shipped templates' file names say a model family; a title naming a family must name the
+# family of its node's file (template 7's SD3.5 loader was titled "Base checkpoint (SD1.5)")
+FAMILIES = {"SD1.5": r"v1-5|sd15|sd1\.5", "SDXL": r"sdxl|sd_xl", "SD3.5": r"sd3\.5|sd35"}
+FAMILY = re.compile("|".join(re.escape(f) for f in FAMILIES))
+NOTE_TITLE = "About this workflow"
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLES))
+def test_template_titles_state_no_numbers_and_name_the_right_family(key):
+    """A title that states a number goes stale as soon as the widget it repeats changes ("k = 30 of
+    40" over a node set to 28 steps, switch 21): no digits in titles but a family's name; a title
+    that names a family names the one of the node's file."""
+    for node in load_example(EXAMPLES[key])["nodes"]:
+        title = node.get("title") or ""
+        assert not re.search(r"\d", FAMILY.sub("", title)), f"{key}: node {node['id']} is titled {title!r}"
+        for family in FAMILY.findall(title):
+            files = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")]
+            assert files and all(re.search(FAMILIES[family], f, re.IGNORECASE) for f in files), \
+                f"{key}: node {node['id']} titled {title!r} holds {files}"
+
+
+def test_templates_share_one_placeholder_style(info):
+    """The files a user must supply have one kind of name in every template (my_…, as the
+    dataset_folder tooltip's example, my_dataset), and every note has the same title (an untitled
+    note shows as "Markdown Note")."""
+    tooltip = info["RewardTuneTrainLoRA"]["input"]["required"]["dataset_folder"][1]["tooltip"]
+    assert "my_dataset" in tooltip, tooltip
+    for key, name in EXAMPLES.items():
+        wf = load_example(name)
+        prompt = ui_to_api(wf, info, check_options=False)
+        for node in prompt.values():
+            placeholder = node["inputs"].get("lora_name") if node["class_type"] == "LoraLoader" else \
+                node["inputs"].get("dataset_folder") if node["class_type"] == "RewardTuneTrainLoRA" else None
+            if placeholder:
+                assert placeholder.startswith("my_"), f"{key}: {node['class_type']} holds {placeholder!r}"
+        notes = [n for n in wf["nodes"] if n["type"] in ("MarkdownNote", "Note")]
+        assert notes and all(n.get("title") == NOTE_TITLE for n in notes), \
+            f"{key}: notes titled {[n.get('title') for n in notes]}"
 
 
 def _box(node):
