@@ -254,10 +254,22 @@ def test_resume_from_the_panel_trains_to_the_end_and_copies_the_lora_name(ui, br
     assert job_status(srv, job_id)["state"] == "stopped", "the job ended before it could be cancelled"
     open_panel(page)
     c = card(page, job_id)
-    c.locator("button[data-action=resume]").click()
+    with page.expect_response(lambda r: r.url.endswith("/resume") and r.request.method == "POST") as resp:
+        c.locator("button[data-action=resume]").click()
+    assert resp.value.ok, resp.value.text()
+    # the page reloaded at once, while the job restarts and trains: its progress messages reach the
+    # new page from its first moments on (before the extension's setup() runs) and must find a
+    # listener, not "Unknown message type"
+    page.reload(wait_until="domcontentloaded")
+    wait_app(page)
     # Resume queues the job's graph again; its trainer node must start the job, not answer from the
     # output cache (a re-queued identical prompt "executes" in milliseconds and trains nothing)
     wait_until(lambda: job_status(srv, job_id)["state"] != "stopped", 60, "Resume to restart the stopped job")
+    reloaded_at = job_status(srv, job_id)
+    assert reloaded_at["state"] == "running", f"the job ended before the page came back: {reloaded_at}"
+    close_dialogs(page)
+    open_panel(page)
+    c = card(page, job_id)
     wait_until(lambda: job_status(srv, job_id)["state"] in ("finished", "failed", "stopped"), 300,
                "the resumed job to end")
     st = job_status(srv, job_id)
@@ -296,6 +308,7 @@ def test_remove_from_the_panel_after_a_confirm(ui, browser_server, panel_job):
     dialog.get_by_role("button", name="Delete").click()
     wait_until(lambda: job_id not in {j["id"] for j in jobs(srv)}, 30, "the job to be removed on the server")
     c.wait_for(state="detached", timeout=30_000)
+    page.wait_for_timeout(1000)  # the server's rewardtune.removed message: handled, not "Unknown message type"
     with pytest.raises(urllib.error.HTTPError) as e:
         srv.get(f"/rewardtune/jobs/{job_id}")
     assert e.value.code == 404

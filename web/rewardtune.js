@@ -24,6 +24,14 @@ const ui = {
 
 const panel = new JobsPanel(api, ui);
 
+// The pack's websocket messages get their listeners as soon as this file is imported. The frontend
+// (1.47) opens its socket right after importing the extensions, before their setup(), and logs a
+// message type nobody listens to yet as "Unhandled message … Unknown message type": after a reload
+// mid-job the first steps' rewardtune.progress arrived in that gap.
+api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.detail));
+api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
+api.addEventListener("rewardtune.removed", (e) => panel.store.onRemoved(e.detail));
+
 app.registerExtension({
   name: "rewardtune.core",
   async setup() {
@@ -31,8 +39,6 @@ app.registerExtension({
     style.id = "rewardtune-panel-css";
     style.textContent = PANEL_CSS;
     document.head.appendChild(style);
-    api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.detail));
-    api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
     // events sent while the socket was down are lost: read the list again
     api.addEventListener("reconnected", () => panel.refresh());
     app.extensionManager?.registerSidebarTab?.({

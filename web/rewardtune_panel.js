@@ -224,6 +224,13 @@ export class JobsStore {
     }
   }
 
+  /** A job removed (here, in another tab or by a script): rewardtune.removed. */
+  onRemoved(event) {
+    if (!this.jobs.has(event?.id)) return;
+    this.forget(event.id);
+    this.onChange(null);
+  }
+
   /** POST a job action (cancel, resume, remove); returns the server's answer. */
   async act(id, action) {
     const res = await this.fetchJson(jobUrl(id, action), { method: "POST" });
