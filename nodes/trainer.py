@@ -255,7 +255,7 @@ class TrainRewardLoRA(io.ComfyNode):
         text += f"\n{plan.memory}\n" + (plan.unet if started else
                                           "UNet: as chosen when this job started (this queue attached to it)")
         if job.state != "finished":
-            text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
+            text += "\ntraining in the background: watch it in the Training tab; Load Trained LoRA gives the newest checkpoint"
         return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))
 
 
@@ -270,7 +270,7 @@ class LoadTrainedLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model the job trained on."),
                 io.String.Input("job", default="reward-lora",
-                                tooltip="A job id, or a job name (its newest job). Listed in the RewardTune panel."),
+                                tooltip="A job id, or a job name (its newest job). Listed in the Training tab."),
                 io.Combo.Input("which", options=["newest", "final"], default="newest",
                                tooltip="newest: the latest checkpoint, even mid-training. final: only a finished job."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="LoRA strength."),

@@ -188,6 +188,8 @@ def test_panel_lists_a_background_job_live_and_cancel_stops_it(ui, browser_serve
     assert lines == 1, f"the sidebar label takes {lines} lines"
     open_panel(page)
     assert page.locator(".rt-header .rt-refresh").is_visible()
+    # one name: the header says what the button says
+    assert page.locator(".rt-panel .rt-title").inner_text().strip() == "Training"
     c = card(page, job_id)
     c.wait_for(timeout=60_000)
     assert c.locator(".rt-name").inner_text() == "browser-panel"  # the name, the raw id only as a tooltip

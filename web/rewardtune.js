@@ -1,8 +1,9 @@
-// RewardTune front-end extension: the pack's nodes in one recognisable colour, and a sidebar tab
-// listing training jobs with live reward curves, Cancel, Resume and Remove (web/rewardtune_panel.js).
+// RewardTune front-end extension: the pack's nodes in one recognisable colour, and the Training tab
+// (a sidebar tab) listing training jobs with live reward curves, Cancel, Resume and Remove
+// (web/rewardtune_panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { JobsPanel, PANEL_CSS } from "./rewardtune_panel.js";
+import { JobsPanel, PANEL_CSS, TAB_NAME } from "./rewardtune_panel.js";
 
 const RT_PREFIX = "RewardTune";
 export const RT_COLOR = "#2a3f5a";
@@ -44,9 +45,9 @@ app.registerExtension({
     app.extensionManager?.registerSidebarTab?.({
       id: "rewardtune-jobs",
       icon: "pi pi-chart-line",
-      title: "RewardTune",
-      label: "Training", // the label under the icon: one short word, or it wraps mid-word
-      tooltip: "RewardTune training jobs",
+      title: TAB_NAME,
+      label: TAB_NAME, // the label under the icon: one short word, or it wraps mid-word
+      tooltip: "RewardTune's training jobs",
       type: "custom",
       render: (el) => panel.mount(el),
     });
