@@ -428,9 +428,10 @@ def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, 
     """Issue 15: a job stopped by Cancel and resumed through the route (no server restart) trains
     on to its end, every step logged once. The job keeps a clean copy of the graph it was queued
     with (ComfyUI's executed prompt carries "is_changed": [NaN]: queued again, the whole graph
-    came from the output cache and the job stayed stopped), and the route queues it through
-    POST /prompt's steps: the trainer node really runs again. Removing the finished job then
-    deletes its folder and keeps the LoRA it published."""
+    came from the output cache and the job stayed stopped), and the route posts it to ComfyUI's own
+    POST /prompt: the trainer node really runs again, and a graph that no longer validates is
+    refused with ComfyUI's message. Removing the finished job then deletes its folder and keeps the
+    LoRA it published."""
     srv, n = trainer_server, 8
     prompt = train_prompt(models_tree, reward_tree, name="resume-route", steps=n, seed=11)
     before = {j["id"] for j in jobs(srv)}
@@ -443,6 +444,18 @@ def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, 
     assert 2 <= saved < n and _checkpoint(srv, job_id)["step"] == saved
     with open(os.path.join(job_dir(srv, job_id), "job.json"), encoding="utf-8") as f:
         assert json.load(f)["prompt"] == prompt  # what was queued, nothing the executor added
+    # the route posts the graph to ComfyUI's own POST /prompt: a graph that no longer validates (its
+    # reward file moved away) is refused with ComfyUI's message, which names the node's input
+    reward_file = os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"])
+    os.rename(reward_file, reward_file + ".away")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            srv.post(f"/rewardtune/jobs/{job_id}/resume", {})
+        refusal = e.value.read().decode()
+        assert e.value.code == 409 and "no longer validates" in refusal and "reward_model" in refusal, refusal
+    finally:
+        os.rename(reward_file + ".away", reward_file)
+    assert srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"] == "stopped"
 
     with Events(srv) as ev:
         res = srv.post(f"/rewardtune/jobs/{job_id}/resume", {"client_id": ev.client})
