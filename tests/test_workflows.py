@@ -256,7 +256,12 @@ def test_overlap_check_can_fail():
 
 def test_templates_are_listed_with_pictures(server, pack):
     """/workflow_templates lists one template per task; the Templates dialog titles each card with
-    the file name and fetches <name>.jpg as its picture."""
+    the file name and fetches <name>.jpg as its picture. ComfyUI's own templates and node docs are
+    served too (a normal install has their packages; without them the dialog had only ours and an
+    error banner)."""
+    core = server.get("/templates/index.json")
+    assert isinstance(core, list) and sum(len(c.get("templates", [])) for c in core) > 10
+    assert server.get("/docs/KSampler/en.md").decode("utf-8").strip()
     listed = server.get("/workflow_templates")[pack]
     assert sorted(listed) == sorted(EXAMPLES.values())
     for name in listed:
