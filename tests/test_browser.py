@@ -402,6 +402,15 @@ def template_names(srv) -> list[str]:
     return sorted(listed["rewardtune"])
 
 
+def open_templates_dialog(page):
+    """The Templates dialog with the pack's category picked (named RewardTune, not the folder's name)."""
+    page.locator(".templates-tab-button").click()
+    dialog = page.locator("[role=dialog]").last
+    dialog.wait_for(timeout=30_000)
+    dialog.get_by_text("RewardTune", exact=True).first.click()
+    return dialog
+
+
 def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_server, models_tree, reward_tree,
                                                                     artifacts):
     page, log = ui
@@ -413,6 +422,18 @@ def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_s
     prefer_sd35 = {**prefer, "ckpt_name": models_tree["sd35"], "lora_name": models_tree["sd35_lora"]}
     names = template_names(srv)
     assert len(names) >= 3, names
+    # the dialog: ComfyUI's own templates are there (its templates package is installed), the pack's
+    # category is RewardTune, its cards come in their numbers' order (the server lists them in
+    # directory order)
+    dialog = open_templates_dialog(page)
+    cards = dialog.locator('[data-testid^="template-workflow-"]')
+    wait_until(lambda: cards.count() == len(names), 30, "the pack's template cards")
+    shown = [t.removeprefix("template-workflow-") for t in cards.evaluate_all("cs => cs.map((c) => c.dataset.testid)")]
+    assert shown == sorted(names, key=lambda n: int(n.split()[0])), shown
+    dialog.get_by_text("All Templates", exact=True).first.click()
+    wait_until(lambda: cards.count() > len(names), 30, "ComfyUI's own templates in the dialog")
+    close_dialogs(page)
+    assert not [c for c in log.console if "Error loading core workflow templates" in c[1]]
     ran, failed = {}, {}
     for name in names:
         try:
@@ -429,10 +450,7 @@ def open_and_queue_template(page, srv, name, prefer, artifacts) -> float:
     """Open template ``name`` from the Templates dialog, pick the tiny models and small sizes in
     its widgets, press Run, and wait for the prompt to succeed. Returns the seconds it ran."""
     expected = srv.get(f"/api/workflow_templates/rewardtune/{urllib.parse.quote(name)}.json")
-    page.locator(".templates-tab-button").click()
-    dialog = page.locator("[role=dialog]").last
-    dialog.wait_for(timeout=30_000)
-    dialog.get_by_text("rewardtune", exact=True).first.click()
+    dialog = open_templates_dialog(page)
     dialog.get_by_text(name, exact=True).first.click()
     wait_until(lambda: page.evaluate("() => !document.querySelector('[role=dialog]')") or close_dialogs(page), 30,
                f"the Templates dialog to close after picking {name}")

@@ -33,6 +33,21 @@ api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.deta
 api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
 api.addEventListener("rewardtune.removed", (e) => panel.store.onRemoved(e.detail));
 
+// The Templates dialog shows a pack's templates in the order GET /workflow_templates lists them, and
+// ComfyUI 0.30 lists example_workflows/ in directory order (an unsorted glob): order ours by their
+// leading number. The list is keyed by the pack's folder name, the one this file is served under.
+const PACK_FOLDER = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2));
+const listTemplates = api.getWorkflowTemplates?.bind(api);
+if (listTemplates) {
+  api.getWorkflowTemplates = async () => {
+    const listed = await listTemplates();
+    if (Array.isArray(listed?.[PACK_FOLDER])) {
+      listed[PACK_FOLDER] = [...listed[PACK_FOLDER]].sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+    }
+    return listed;
+  };
+}
+
 app.registerExtension({
   name: "rewardtune.core",
   async setup() {
