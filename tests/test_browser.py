@@ -2,14 +2,20 @@
 with the pack and tiny models. Every request not to 127.0.0.1 is blocked.
 
 - the nodes carry the pack's colours (and core nodes do not);
-- the sidebar tab (one-word label) lists a background training job live: its card, step and ETA,
-  a reward curve that gains points with axes, min/max and a hover value, the newest sample
-  thumbnail; the card is patched in place, not rebuilt; Cancel stops the job; a reload restores it;
-- Resume continues the stopped job to its last step; Copy gives the LoRA's name;
+- what the help pages say about advanced inputs and blend mode is what the canvas shows, and each
+  page is found at the first address the frontend asks for (<Node>/en.md, no 404);
+- the Training tab (one name: its one-word button label is its header) lists a background training
+  job live: its card, step and ETA, a reward curve that gains points with axes, min/max and a hover
+  value, the newest sample thumbnail; the card is patched in place, not rebuilt; Cancel stops the
+  job; a reload restores it;
+- Resume continues the stopped job to its last step (the page reloaded while it trains); Copy gives
+  the LoRA's name;
 - Remove (after the frontend's confirm dialog) deletes a finished job;
-- every template the server lists for the pack opens from the Templates dialog and runs when
-  queued from the UI (with the tiny models picked in its combos and small sizes);
-- no console error that mentions the pack or its extension files, on any page.
+- the Templates dialog names the pack RewardTune, shows its cards in the order 1…7 beside ComfyUI's
+  own templates, and every template opens from it and runs when queued from the UI (with the tiny
+  models picked in its combos and small sizes);
+- no console error that mentions the pack or its extension files, and no "Unhandled message" for
+  the pack's websocket messages (after a Remove, after a reload mid-job), on any page.
 
 Screenshots go to $RT_ARTIFACTS (or browser-artifacts/ in pytest's temp folder);
 RT_DOC_IMAGES=1 also writes the README's two pictures to docs/images/.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -160,7 +167,60 @@ def test_nodes_carry_the_pack_colours(ui, artifacts):
     }""")
     page.wait_for_timeout(500)
     page.screenshot(path=doc_image(artifacts, "combined_ksampler_node.png"), clip=node_clip(page, node_id))
+    check_help_pages_against_the_canvas(page, sorted(ours))
     check_console(log)
+
+
+FOLDED = re.compile(r"folded|hidden|under \*advanced|advanced inputs\*", re.IGNORECASE)
+
+
+def check_help_pages_against_the_canvas(page, node_types):
+    """Each node's help page, fetched at the first address the frontend's help panel asks for
+    (/extensions/<pack>/docs/<Node>/<locale>.md; a 404 there was the first request of every help
+    page), against a fresh node on the canvas: an input the page says is folded away or hidden is not
+    drawn, and every input the schema marks advanced is drawn (the classic canvas shows them inline;
+    Nodes 2.0 folds them, which the pages say). In blend mode the Combined KSampler shows
+    blend_power and keeps switch_unit (ignored, as its page says); in switch mode blend_power is gone."""
+    found = page.evaluate("""async (types) => {
+        const ext = (await (await fetch('/extensions')).json()).find((e) => e.endsWith('/rewardtune.js'));
+        const pack = ext.split('/')[2];
+        const locale = app.extensionManager.setting.get('Comfy.Locale') || 'en';
+        const out = {};
+        for (const t of types) {
+            const res = await fetch(`/extensions/${pack}/docs/${t}/${locale}.md`);
+            const n = LiteGraph.createNode(t);
+            app.graph.add(n);
+            out[t] = { status: res.status, type: res.headers.get('content-type'), page: await res.text(),
+                       widgets: Object.fromEntries((n.widgets || []).map((w) => [w.name,
+                           { visible: n.isWidgetVisible(w), advanced: !!(w.advanced || w.options?.advanced) }])) };
+            app.graph.remove(n);
+        }
+        const n = LiteGraph.createNode('RewardTuneCombinedKSampler');
+        app.graph.add(n);
+        const shown = () => n.widgets.filter((w) => n.isWidgetVisible(w)).map((w) => w.name);
+        const mode = n.widgets.find((w) => w.name === 'mode');
+        mode.value = 'blend';
+        out.blend = shown();
+        mode.value = 'switch';
+        out.switch = shown();
+        app.graph.remove(n);
+        return out;
+    }""", node_types)
+    problems = []
+    for t in node_types:
+        f = found[t]
+        if f["status"] != 200 or "text/html" in (f["type"] or ""):  # what the frontend's help panel accepts
+            problems.append(f"{t}: help page answered {f['status']} ({f['type']}) at <Node>/<locale>.md")
+            continue
+        for name, w in f["widgets"].items():
+            lines = [line for line in f["page"].splitlines() if f"`{name.split('.')[-1]}`" in line]
+            if w["visible"] and any(FOLDED.search(line) and "Nodes 2.0" not in line for line in lines):
+                problems.append(f"{t}: the help page says {name} is folded away or hidden; the canvas shows it")
+            if w["advanced"] and not w["visible"]:
+                problems.append(f"{t}: advanced input {name} is not drawn on the canvas, as its page says it is")
+    assert not problems, "\n".join(problems)
+    assert "mode.blend_power" in found["blend"] and "switch_unit" in found["blend"], found["blend"]
+    assert "mode.blend_power" not in found["switch"] and "switch_unit.switch_step" in found["switch"], found["switch"]
 
 
 # ---------------------------------------------------------------------------------------- panel

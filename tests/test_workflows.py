@@ -339,16 +339,17 @@ def _all_input_names(node_info):
 
 
 def test_every_node_has_a_help_page_documenting_every_input(host, server, info, pack):
-    """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves where the
-    frontend's help panel fetches it, /extensions/<pack>/docs/<Node>.md (after a per-locale
-    /docs/<Node>/<locale>.md); each page names every input, as `name`, and has a worked example."""
+    """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves at the first
+    address the frontend's help panel fetches, /extensions/<pack>/docs/<Node>/en.md (it falls back
+    to <Node>.md only after a 404 there); each page names every input, as `name`, and has a worked
+    example."""
     ours = our_nodes(info)
     assert ours == sorted(n for n in host.node_classes if n.startswith("RewardTune"))
     for name in ours:
-        page = server.get(f"/extensions/{pack}/docs/{name}.md")
+        page = server.get(f"/extensions/{pack}/docs/{name}/en.md")
         assert isinstance(page, bytes), f"{name}: help page not served as markdown"
         text = page.decode("utf-8")
         assert text.startswith("# "), f"{name}: help page has no title"
         missing = [i for i in _all_input_names(info[name]) if f"`{i}`" not in text]
-        assert not missing, f"web/docs/{name}.md does not document {missing}"
+        assert not missing, f"web/docs/{name}/en.md does not document {missing}"
         assert "## Example" in text, f"{name}: help page has no worked example"
