@@ -16,7 +16,7 @@ async def comfy_entrypoint():
     except Exception:  # the job routes or the jobs folder: the nodes must load all the same
         import logging
         logging.getLogger("rewardtune").exception("RewardTune: the training-job routes could not start; "
-                                                  "the nodes are loaded, the RewardTune panel is not")
+                                                  "the nodes are loaded, the Training tab is not")
     return RewardTuneExtension()
 
 

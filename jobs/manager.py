@@ -302,7 +302,7 @@ class JobManager:
                 return job
             waiting = sum(j.state == "queued" for j in self._jobs.values())
             if waiting >= MAX_QUEUED:
-                raise JobError(f"{waiting} training jobs are already waiting: cancel one (RewardTune panel or "
+                raise JobError(f"{waiting} training jobs are already waiting: cancel one (Training tab or "
                                f"POST /rewardtune/jobs/<id>/cancel) or wait for them to finish")
             if job is None:
                 job = Job(job_id, os.path.join(self.root, job_id), spec.name, spec.config, spec.fingerprint,

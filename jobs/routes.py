@@ -19,21 +19,22 @@ Answers:
   cannot route gets aiohttp's own 404. The id is not echoed back.
 * **400** (text): a bad query value (``since``, ``limit``).
 * **500** (text): a remove whose folder could not be moved away (the job is kept as it was).
-* **409** (text): a resume whose graph is missing or no longer validates; a remove of a queued or
-  running job (cancel it first, and wait until it is stopped).
+* **409** (text): a resume whose graph is missing or no longer validates (ComfyUI's message and its
+  node errors); a remove of a queued or running job (cancel it first, and wait until it is stopped).
+* **502** (text): ComfyUI's ``POST /prompt`` answered a resume with neither a queued prompt nor a
+  validation error (e.g. an extension's middleware refused it): its status and text.
 * **200** (JSON): cancel ``{"id", "state"}``; resume ``{"id", "state", "queued": false}`` when the
   job is already queued or running, else ``{"id", "state", "queued": true, "prompt_id", "number"}``;
   remove ``{"id", "removed": true}``.
 
-Resume queues the job's stored graph (a clean copy of what the user queued, see
-``manager.api_prompt``) through the same steps as ComfyUI's ``POST /prompt``. It takes an optional
-JSON body ``{"client_id": "..."}``: that client then gets the prompt's progress messages, as when
-it queues a prompt itself.
+Resume posts the job's stored graph (a clean copy of what the user queued, see
+``manager.api_prompt``) to ComfyUI's own ``POST /prompt``, over the server's HTTP interface, as the
+frontend queues a prompt. It takes an optional JSON body ``{"client_id": "..."}``: that client then
+gets the prompt's progress messages, as when it queues a prompt itself.
 """
 from __future__ import annotations
 
-import time
-import uuid
+import json
 
 from aiohttp import web
 
@@ -59,38 +60,54 @@ def _int(request, name: str, default: int, lo: int, hi: int) -> int:
         raise web.HTTPBadRequest(text=f"{name} must be a whole number", content_type="text/plain")
 
 
-async def queue_prompt(server, prompt: dict, client_id: str | None = None) -> tuple[str, float]:
-    """Queue an API prompt the way ComfyUI's ``POST /prompt`` does (server.py, ``post_prompt``),
-    through the same public calls in the same order: the ``on_prompt`` handlers extensions
-    registered, the queue number, node replacements, validation, the queue entry. Returns
-    (prompt_id, number); a graph that does not validate raises 409 with ComfyUI's message."""
-    import execution
-    json_data = server.trigger_on_prompt({"prompt": prompt, **({"client_id": client_id} if client_id else {})})
-    if "number" in json_data:
-        number = float(json_data["number"])
-    else:  # as POST /prompt: the server's counter orders the queue
-        number = server.number
-        server.number += 1
-    prompt = json_data.get("prompt", prompt)
-    replacements = getattr(server, "node_replace_manager", None)
-    if replacements is not None:
-        replacements.apply_replacements(prompt)
-    prompt_id = str(uuid.uuid4())
-    valid = await execution.validate_prompt(prompt_id, prompt, None)
-    if not valid[0]:
-        error = valid[1].get("message", valid[1]) if isinstance(valid[1], dict) else valid[1]
-        raise web.HTTPConflict(text=f"the job's graph no longer validates ({error}): load its workflow, fix it and "
-                                    "queue it again", content_type="text/plain")
-    extra_data = dict(json_data.get("extra_data") or {})
-    if "client_id" in json_data:
-        extra_data["client_id"] = json_data["client_id"]
-    sensitive = {k: extra_data.pop(k) for k in getattr(execution, "SENSITIVE_EXTRA_DATA_KEYS", ()) if k in extra_data}
-    extra_data["create_time"] = int(time.time() * 1000)
-    server.prompt_queue.put((number, prompt_id, prompt, extra_data, valid[2], sensitive))
-    return prompt_id, number
+async def queue_prompt(request, prompt: dict, client_id: str | None = None) -> tuple[str, float]:
+    """Queue an API prompt through ComfyUI's public ``POST /prompt``, over this server's own HTTP
+    interface: posted to the socket ``request`` came in on, as the frontend posts a prompt, so
+    ComfyUI's handler does every step (``on_prompt`` handlers, the queue number, node replacements,
+    validation, the queue entry) as for any client, whatever its version does. The caller's cookie
+    and authorization go along (a login extension sees the same user). Returns (prompt_id, number);
+    a graph that no longer validates raises 409 with ComfyUI's message and its node errors."""
+    import aiohttp
+    import yarl
+    host, port = request.transport.get_extra_info("sockname")[:2]
+    tls = request.transport.get_extra_info("sslcontext") is not None
+    url = yarl.URL.build(scheme="https" if tls else "http", host=host, port=port, path="/prompt")
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("cookie", "authorization")}
+    body = {"prompt": prompt, **({"client_id": client_id} if client_id else {})}
+    # ssl=False: the server's own socket, whose certificate may be self-signed (--tls-keyfile)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        async with session.post(url, json=body, headers=headers, ssl=False) as res:
+            status, text = res.status, await res.text()
+    answer = _json_or_none(text)
+    if status == 200 and isinstance(answer, dict) and "prompt_id" in answer:
+        return answer["prompt_id"], answer.get("number")
+    if status == 400 and isinstance(answer, dict):
+        raise web.HTTPConflict(text=f"the job's graph no longer validates ({_validation_error(answer)}): load its "
+                                    "workflow, fix it and queue it again", content_type="text/plain")
+    raise web.HTTPBadGateway(text=f"ComfyUI's POST /prompt answered {status}: {text[:500]}",
+                             content_type="text/plain")
 
 
-async def resume(server, job, client_id: str | None = None) -> dict:
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _validation_error(answer: dict) -> str:
+    """ComfyUI's answer to a prompt that does not validate, in one line: its message, then each
+    node's errors (they name the input)."""
+    error = answer.get("error")
+    parts = [error.get("message", "") if isinstance(error, dict) else str(error or "")]
+    for node_id, node in (answer.get("node_errors") or {}).items():
+        for e in node.get("errors", []) if isinstance(node, dict) else ():
+            parts.append(f"node {node_id} ({node.get('class_type', '?')}): {e.get('message', '')}: "
+                         f"{e.get('details', '')}".rstrip(": "))
+    return "; ".join(p for p in parts if p)
+
+
+async def resume(request, job, client_id: str | None = None) -> dict:
     """Queue the graph that started the job: the trainer node finds the same job (same
     fingerprint) and resumes it from its checkpoint."""
     if job.state in ("queued", "running"):
@@ -98,7 +115,7 @@ async def resume(server, job, client_id: str | None = None) -> dict:
     if not job.prompt:
         raise web.HTTPConflict(text=f"job {job.id} has no stored graph: queue its workflow again to resume it",
                                content_type="text/plain")
-    prompt_id, number = await queue_prompt(server, job.prompt, client_id)
+    prompt_id, number = await queue_prompt(request, job.prompt, client_id)
     return {"id": job.id, "state": job.state, "queued": True, "prompt_id": prompt_id, "number": number}
 
 
@@ -136,7 +153,7 @@ def register(server) -> None:
     @routes.post("/rewardtune/jobs/{job_id}/resume")
     async def job_resume(request):
         job = _job_or_404(request)
-        return web.json_response(await resume(server, job, await _client_id(request)))
+        return web.json_response(await resume(request, job, await _client_id(request)))
 
     @routes.post("/rewardtune/jobs/{job_id}/remove")
     async def job_remove(request):

@@ -69,8 +69,9 @@ def tradeoff_plot(diversity: list[float], reward: list[float], labels: list[str]
 
 
 def curve_plot(steps: list[float], values: list[float], *, title: str, y_label: str, width: int = 640,
-               height: int = 360) -> Image.Image:
-    """A training curve (values against steps) with a 10-step running mean, drawn with Pillow."""
+               height: int = 360, empty: tuple[str, ...] | list[str] = ("no steps yet",)) -> Image.Image:
+    """A training curve (values against steps) with a 10-step running mean, drawn with Pillow.
+    Without values the frame holds the lines of ``empty``, one per line."""
     img = Image.new("RGB", (width, height), "white")
     d = ImageDraw.Draw(img)
     small, big = _font(13), _font(16)
@@ -78,7 +79,8 @@ def curve_plot(steps: list[float], values: list[float], *, title: str, y_label: 
     d.text((left, 8), title, fill="black", font=big)
     d.rectangle([left, top, right, bottom], outline="black")
     if not values:
-        d.text((left + 12, top + 12), "no steps yet", fill="gray", font=small)
+        for i, line in enumerate(empty):
+            d.text((left + 12, top + 12 + 20 * i), line, fill="black", font=small)
         return img
     x_lo, x_hi = min(steps), max(max(steps), min(steps) + 1)
     y_lo, y_hi = min(values), max(values)

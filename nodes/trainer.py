@@ -22,12 +22,25 @@ def _image(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def curve(job) -> torch.Tensor:
+def curve(job, note: list[str] | None = None) -> torch.Tensor:
+    """The reward per step; with ``note``, a frame holding those lines instead (a background job)."""
     from ..metrics.plot import curve_plot
-    rows = job.metrics(limit=100000)
+    rows = [] if note else job.metrics(limit=100000)
     return _image(curve_plot([r["step"] for r in rows], [r["reward"] for r in rows],
                              title=f"{job.name}: reward during training ({job.config.objective})",
-                             y_label="s*(R+o)"))
+                             y_label="s*(R+o)", empty=note or ("no steps yet",)))
+
+
+def background_note(job, lora_name: str) -> list[str]:
+    """What a background job's outputs say while it trains: they were made when it was queued, so
+    its curve is in the Training tab and the MODEL output is still the untrained input model."""
+    return [f"Training in the background: {job.state}, step {job.step}/{job.config.steps} when queued.",
+            "Follow the reward curve live in the Training tab (sidebar).",
+            "MODEL is the untrained input model until the job ends: samplers fed",
+            "by it now sample the base model.",
+            "When the job ends its LoRA is published as",
+            f"loras/{lora_name}",
+            "(Load Trained LoRA gives the newest checkpoint meanwhile)."]
 
 
 def summary(job, lora_name: str | None) -> str:
@@ -254,9 +267,10 @@ class TrainRewardLoRA(io.ComfyNode):
         text = summary(job, lora_name if job.state == "finished" else None)
         text += f"\n{plan.memory}\n" + (plan.unet if started else
                                           "UNet: as chosen when this job started (this queue attached to it)")
-        if job.state != "finished":
-            text += "\ntraining in the background: watch it in the RewardTune panel; Load Trained LoRA gives the newest checkpoint"
-        return io.NodeOutput(tuned, lora_name, text, curve(job), ui=ui.PreviewText(text))
+        note = background_note(job, lora_name) if mode == "background" and job.state != "finished" else None
+        if note:
+            text += "\n\n" + "\n".join(note)
+        return io.NodeOutput(tuned, lora_name, text, curve(job, note), ui=ui.PreviewText(text))
 
 
 class LoadTrainedLoRA(io.ComfyNode):
@@ -270,7 +284,7 @@ class LoadTrainedLoRA(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The base model the job trained on."),
                 io.String.Input("job", default="reward-lora",
-                                tooltip="A job id, or a job name (its newest job). Listed in the RewardTune panel."),
+                                tooltip="A job id, or a job name (its newest job). Listed in the Training tab."),
                 io.Combo.Input("which", options=["newest", "final"], default="newest",
                                tooltip="newest: the latest checkpoint, even mid-training. final: only a finished job."),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip="LoRA strength."),

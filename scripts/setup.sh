@@ -54,9 +54,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # ComfyUI imports torchaudio; the pip cap forbids a build matching torch 2.14, and the
   # audio paths are not used here.
   "$VPY" -m pip install --quiet --disable-pip-version-check --no-deps torchaudio==2.11.0
-  # ComfyUI's requirements minus torch (installed above) and the optional templates/docs
-  # packages (~470 MB, only for the browser's template and docs browser).
-  grep -v -E '^(torch|torchvision|torchaudio)\s*$|^comfyui-(workflow-templates|embedded-docs)' \
+  # ComfyUI's requirements minus torch (installed above): everything a normal ComfyUI install has,
+  # the workflow-templates and embedded-docs packages included (~470 MB, ~10 s here). Without
+  # them the browser shows an error banner on first launch and an empty Templates dialog.
+  grep -v -E '^(torch|torchvision|torchaudio)\s*$' \
     "$COMFY_DIR/requirements.txt" > "$VENV/comfyui-requirements.txt"
   # ComfyUI-Manager as ComfyUI pins it (manager_requirements.txt; used with --enable-manager, and
   # by tests/test_manager_install.py, which installs the pack through it)

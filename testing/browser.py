@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 PACK_MARK = re.compile(r"rewardtune|/extensions/", re.IGNORECASE)
+UNHANDLED = re.compile(r"Unhandled message|Unknown message type")
 # the frontend's first-run state, set through /settings before the page loads: no template gallery
 # popping up over the graph, labels under the sidebar icons
 FIRST_RUN_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Sidebar.Size": "normal",
@@ -37,8 +38,12 @@ class PageLog:
     blocked: list[str] = field(default_factory=list)
 
     def pack_errors(self) -> list[str]:
-        """Console errors and uncaught exceptions that mention the pack or its extension files."""
-        out = [f"{text} ({url})" for kind, text, url in self.console if kind == "error" and PACK_MARK.search(text + " " + url)]
+        """Console errors and uncaught exceptions that mention the pack or its extension files, and
+        the frontend's warning for a websocket message nobody listens to ("Unhandled message: …
+        Unknown message type rewardtune.…")."""
+        out = [f"{text} ({url})" for kind, text, url in self.console
+               if (kind == "error" or kind == "warning" and UNHANDLED.search(text))
+               and PACK_MARK.search(text + " " + url)]
         out += [e for e in self.page_errors if PACK_MARK.search(e)]
         return out
 

@@ -2,14 +2,20 @@
 with the pack and tiny models. Every request not to 127.0.0.1 is blocked.
 
 - the nodes carry the pack's colours (and core nodes do not);
-- the sidebar tab (one-word label) lists a background training job live: its card, step and ETA,
-  a reward curve that gains points with axes, min/max and a hover value, the newest sample
-  thumbnail; the card is patched in place, not rebuilt; Cancel stops the job; a reload restores it;
-- Resume continues the stopped job to its last step; Copy gives the LoRA's name;
+- what the help pages say about advanced inputs and blend mode is what the canvas shows, and each
+  page is found at the first address the frontend asks for (<Node>/en.md, no 404);
+- the Training tab (one name: its one-word button label is its header) lists a background training
+  job live: its card, step and ETA, a reward curve that gains points with axes, min/max and a hover
+  value, the newest sample thumbnail; the card is patched in place, not rebuilt; Cancel stops the
+  job; a reload restores it;
+- Resume continues the stopped job to its last step (the page reloaded while it trains); Copy gives
+  the LoRA's name;
 - Remove (after the frontend's confirm dialog) deletes a finished job;
-- every template the server lists for the pack opens from the Templates dialog and runs when
-  queued from the UI (with the tiny models picked in its combos and small sizes);
-- no console error that mentions the pack or its extension files, on any page.
+- the Templates dialog names the pack RewardTune, shows its cards in the order 1…7 beside ComfyUI's
+  own templates, and every template opens from it and runs when queued from the UI (with the tiny
+  models picked in its combos and small sizes);
+- no console error that mentions the pack or its extension files, and no "Unhandled message" for
+  the pack's websocket messages (after a Remove, after a reload mid-job), on any page.
 
 Screenshots go to $RT_ARTIFACTS (or browser-artifacts/ in pytest's temp folder);
 RT_DOC_IMAGES=1 also writes the README's two pictures to docs/images/.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -160,7 +167,60 @@ def test_nodes_carry_the_pack_colours(ui, artifacts):
     }""")
     page.wait_for_timeout(500)
     page.screenshot(path=doc_image(artifacts, "combined_ksampler_node.png"), clip=node_clip(page, node_id))
+    check_help_pages_against_the_canvas(page, sorted(ours))
     check_console(log)
+
+
+FOLDED = re.compile(r"folded|hidden|under \*advanced|advanced inputs\*", re.IGNORECASE)
+
+
+def check_help_pages_against_the_canvas(page, node_types):
+    """Each node's help page, fetched at the first address the frontend's help panel asks for
+    (/extensions/<pack>/docs/<Node>/<locale>.md; a 404 there was the first request of every help
+    page), against a fresh node on the canvas: an input the page says is folded away or hidden is not
+    drawn, and every input the schema marks advanced is drawn (the classic canvas shows them inline;
+    Nodes 2.0 folds them, which the pages say). In blend mode the Combined KSampler shows
+    blend_power and keeps switch_unit (ignored, as its page says); in switch mode blend_power is gone."""
+    found = page.evaluate("""async (types) => {
+        const ext = (await (await fetch('/extensions')).json()).find((e) => e.endsWith('/rewardtune.js'));
+        const pack = ext.split('/')[2];
+        const locale = app.extensionManager.setting.get('Comfy.Locale') || 'en';
+        const out = {};
+        for (const t of types) {
+            const res = await fetch(`/extensions/${pack}/docs/${t}/${locale}.md`);
+            const n = LiteGraph.createNode(t);
+            app.graph.add(n);
+            out[t] = { status: res.status, type: res.headers.get('content-type'), page: await res.text(),
+                       widgets: Object.fromEntries((n.widgets || []).map((w) => [w.name,
+                           { visible: n.isWidgetVisible(w), advanced: !!(w.advanced || w.options?.advanced) }])) };
+            app.graph.remove(n);
+        }
+        const n = LiteGraph.createNode('RewardTuneCombinedKSampler');
+        app.graph.add(n);
+        const shown = () => n.widgets.filter((w) => n.isWidgetVisible(w)).map((w) => w.name);
+        const mode = n.widgets.find((w) => w.name === 'mode');
+        mode.value = 'blend';
+        out.blend = shown();
+        mode.value = 'switch';
+        out.switch = shown();
+        app.graph.remove(n);
+        return out;
+    }""", node_types)
+    problems = []
+    for t in node_types:
+        f = found[t]
+        if f["status"] != 200 or "text/html" in (f["type"] or ""):  # what the frontend's help panel accepts
+            problems.append(f"{t}: help page answered {f['status']} ({f['type']}) at <Node>/<locale>.md")
+            continue
+        for name, w in f["widgets"].items():
+            lines = [line for line in f["page"].splitlines() if f"`{name.split('.')[-1]}`" in line]
+            if w["visible"] and any(FOLDED.search(line) and "Nodes 2.0" not in line for line in lines):
+                problems.append(f"{t}: the help page says {name} is folded away or hidden; the canvas shows it")
+            if w["advanced"] and not w["visible"]:
+                problems.append(f"{t}: advanced input {name} is not drawn on the canvas, as its page says it is")
+    assert not problems, "\n".join(problems)
+    assert "mode.blend_power" in found["blend"] and "switch_unit" in found["blend"], found["blend"]
+    assert "mode.blend_power" not in found["switch"] and "switch_unit.switch_step" in found["switch"], found["switch"]
 
 
 # ---------------------------------------------------------------------------------------- panel
@@ -188,6 +248,8 @@ def test_panel_lists_a_background_job_live_and_cancel_stops_it(ui, browser_serve
     assert lines == 1, f"the sidebar label takes {lines} lines"
     open_panel(page)
     assert page.locator(".rt-header .rt-refresh").is_visible()
+    # one name: the header says what the button says
+    assert page.locator(".rt-panel .rt-title").inner_text().strip() == "Training"
     c = card(page, job_id)
     c.wait_for(timeout=60_000)
     assert c.locator(".rt-name").inner_text() == "browser-panel"  # the name, the raw id only as a tooltip
@@ -254,10 +316,22 @@ def test_resume_from_the_panel_trains_to_the_end_and_copies_the_lora_name(ui, br
     assert job_status(srv, job_id)["state"] == "stopped", "the job ended before it could be cancelled"
     open_panel(page)
     c = card(page, job_id)
-    c.locator("button[data-action=resume]").click()
+    with page.expect_response(lambda r: r.url.endswith("/resume") and r.request.method == "POST") as resp:
+        c.locator("button[data-action=resume]").click()
+    assert resp.value.ok, resp.value.text()
+    # the page reloaded at once, while the job restarts and trains: its progress messages reach the
+    # new page from its first moments on (before the extension's setup() runs) and must find a
+    # listener, not "Unknown message type"
+    page.reload(wait_until="domcontentloaded")
+    wait_app(page)
     # Resume queues the job's graph again; its trainer node must start the job, not answer from the
     # output cache (a re-queued identical prompt "executes" in milliseconds and trains nothing)
     wait_until(lambda: job_status(srv, job_id)["state"] != "stopped", 60, "Resume to restart the stopped job")
+    reloaded_at = job_status(srv, job_id)
+    assert reloaded_at["state"] == "running", f"the job ended before the page came back: {reloaded_at}"
+    close_dialogs(page)
+    open_panel(page)
+    c = card(page, job_id)
     wait_until(lambda: job_status(srv, job_id)["state"] in ("finished", "failed", "stopped"), 300,
                "the resumed job to end")
     st = job_status(srv, job_id)
@@ -296,6 +370,7 @@ def test_remove_from_the_panel_after_a_confirm(ui, browser_server, panel_job):
     dialog.get_by_role("button", name="Delete").click()
     wait_until(lambda: job_id not in {j["id"] for j in jobs(srv)}, 30, "the job to be removed on the server")
     c.wait_for(state="detached", timeout=30_000)
+    page.wait_for_timeout(1000)  # the server's rewardtune.removed message: handled, not "Unknown message type"
     with pytest.raises(urllib.error.HTTPError) as e:
         srv.get(f"/rewardtune/jobs/{job_id}")
     assert e.value.code == 404
@@ -387,6 +462,15 @@ def template_names(srv) -> list[str]:
     return sorted(listed["rewardtune"])
 
 
+def open_templates_dialog(page):
+    """The Templates dialog with the pack's category picked (named RewardTune, not the folder's name)."""
+    page.locator(".templates-tab-button").click()
+    dialog = page.locator("[role=dialog]").last
+    dialog.wait_for(timeout=30_000)
+    dialog.get_by_text("RewardTune", exact=True).first.click()
+    return dialog
+
+
 def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_server, models_tree, reward_tree,
                                                                     artifacts):
     page, log = ui
@@ -398,6 +482,18 @@ def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_s
     prefer_sd35 = {**prefer, "ckpt_name": models_tree["sd35"], "lora_name": models_tree["sd35_lora"]}
     names = template_names(srv)
     assert len(names) >= 3, names
+    # the dialog: ComfyUI's own templates are there (its templates package is installed), the pack's
+    # category is RewardTune, its cards come in their numbers' order (the server lists them in
+    # directory order)
+    dialog = open_templates_dialog(page)
+    cards = dialog.locator('[data-testid^="template-workflow-"]')
+    wait_until(lambda: cards.count() == len(names), 30, "the pack's template cards")
+    shown = [t.removeprefix("template-workflow-") for t in cards.evaluate_all("cs => cs.map((c) => c.dataset.testid)")]
+    assert shown == sorted(names, key=lambda n: int(n.split()[0])), shown
+    dialog.get_by_text("All Templates", exact=True).first.click()
+    wait_until(lambda: cards.count() > len(names), 30, "ComfyUI's own templates in the dialog")
+    close_dialogs(page)
+    assert not [c for c in log.console if "Error loading core workflow templates" in c[1]]
     ran, failed = {}, {}
     for name in names:
         try:
@@ -414,10 +510,7 @@ def open_and_queue_template(page, srv, name, prefer, artifacts) -> float:
     """Open template ``name`` from the Templates dialog, pick the tiny models and small sizes in
     its widgets, press Run, and wait for the prompt to succeed. Returns the seconds it ran."""
     expected = srv.get(f"/api/workflow_templates/rewardtune/{urllib.parse.quote(name)}.json")
-    page.locator(".templates-tab-button").click()
-    dialog = page.locator("[role=dialog]").last
-    dialog.wait_for(timeout=30_000)
-    dialog.get_by_text("rewardtune", exact=True).first.click()
+    dialog = open_templates_dialog(page)
     dialog.get_by_text(name, exact=True).first.click()
     wait_until(lambda: page.evaluate("() => !document.querySelector('[role=dialog]')") or close_dialogs(page), 30,
                f"the Templates dialog to close after picking {name}")

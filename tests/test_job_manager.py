@@ -81,6 +81,41 @@ def test_publish_is_the_one_writer_of_the_loras_folder(manager):
     assert all(torch.equal(written[k], latest[k]) for k in LORA)
 
 
+def _user_texts():
+    """What a user reads: the README, docs/, the help pages and the templates' notes."""
+    import glob
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in [os.path.join(root, "README.md"), *glob.glob(os.path.join(root, "docs", "*.md")),
+                 *glob.glob(os.path.join(root, "web", "docs", "**", "*.md"), recursive=True)]:
+        yield os.path.relpath(path, root), open(path, encoding="utf-8").read()
+    for path in glob.glob(os.path.join(root, "example_workflows", "*.json")):
+        notes = [n["widgets_values"][0] for n in json.load(open(path, encoding="utf-8"))["nodes"]
+                 if n["type"] in ("MarkdownNote", "Note")]
+        yield os.path.relpath(path, root), "\n".join(notes)
+
+
+def test_the_docs_name_the_published_lora_as_the_manager_writes_it(manager):
+    """The LoRA a job publishes is rewardtune/<job name>-<fingerprint>.safetensors (the job id): every
+    place a user reads about it says so (they said <job name>.safetensors)."""
+    import re
+    job = manager.submit(spec("my-run"))
+    assert job.done.wait(30) and job.state == "finished"
+    documented = {"final": "<job name>-<fingerprint>", "latest": "<job name>-<fingerprint>-latest"}
+
+    def filled(stem):
+        name = stem.replace("<job name>", "my-run").replace("<fingerprint>", job.fingerprint)
+        return f"rewardtune/{name}.safetensors"
+    assert manager.lora_name(job) == filled(documented["final"])
+    assert manager.lora_name(job, latest=True) == filled(documented["latest"])
+    wrong, seen = [], 0
+    for where, text in _user_texts():
+        for stem in re.findall(r"rewardtune/(<[^`\n]*?)\.safetensors", text):
+            seen += 1
+            if stem not in documented.values():
+                wrong.append(f"{where}: rewardtune/{stem}.safetensors")
+    assert seen >= 4 and not wrong, wrong
+
+
 def test_remove_deletes_ended_jobs_only(manager):
     gate = threading.Event()
     running = manager.submit(spec("busy", steps=50, gate=gate))

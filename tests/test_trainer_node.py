@@ -8,12 +8,14 @@ one queue, so the order of the messages a client receives is the order of the ev
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import uuid
 
 import pytest
@@ -226,10 +228,13 @@ def test_background_job_trains_while_the_server_serves_and_the_lora_matches_lora
     before = {j["id"] for j in jobs(srv)}
     ev = Events(srv)
     t0 = time.time()
-    entry = srv.wait(srv.queue(train_prompt(models_tree, reward_tree, name="bg", steps=12)), timeout=120)
+    prompt = train_prompt(models_tree, reward_tree, name="bg", steps=12)
+    prompt["4"] = {"class_type": "PreviewImage", "inputs": {"images": ["3", 3]}}  # the node's curve output
+    entry = srv.wait(srv.queue(prompt), timeout=120)
     assert entry["status"]["status_str"] == "success", entry["status"]
     returned_after = time.time() - t0
     job_id = only_new_job(srv, before, "bg")
+    background_outputs_point_to_the_training_tab(srv, entry, job_id)
     # while it trains, other prompts sample the very checkpoint the job trains on: the job's private
     # UNet copy keeps them apart (on a shared UNet the foreground unloads the job's adapters mid-step
     # and the job dies: 'NoneType' object has no attribute 'prepare_state'), so each latent equals
@@ -301,6 +306,28 @@ def test_background_job_trains_while_the_server_serves_and_the_lora_matches_lora
     assert busy.keys() == alone.keys() and all(torch.equal(busy[k], alone[k]) for k in busy)
     lora = load_file(os.path.join(models_tree["root"], "loras", lora_name))
     assert any(k.endswith("lora_up.weight") and v.abs().sum() > 0 for k, v in lora.items())
+
+
+def background_outputs_point_to_the_training_tab(srv, entry, job_id):
+    """A node in background mode returns before its job has trained: its summary and its curve
+    image say that the curve is live in the Training tab, that MODEL is the untrained input model
+    until the job ends, and the LoRA's file once it ends (the image said "no steps yet"). The image
+    shows the summary's lines, nothing else."""
+    import numpy as np
+    from PIL import Image
+
+    from rewardtune.metrics.plot import curve_plot
+    text = history_text(entry)
+    assert "Training tab" in text and "untrained input model until the job ends" in text, text
+    assert f"published as\nloras/rewardtune/{job_id}.safetensors" in text, text
+    note = text[text.index("Training in the background"):].splitlines()
+    (shown,) = entry["outputs"]["4"]["images"]
+    png = srv.get("/view?" + urllib.parse.urlencode({k: shown[k] for k in ("filename", "subfolder", "type")}))
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    kw = {"title": "bg: reward during training (refl)", "y_label": "s*(R+o)"}
+    expected = np.asarray(curve_plot([], [], **kw, empty=note)).astype(int)
+    assert image.shape == expected.shape and np.abs(image - expected).max() <= 1
+    assert np.abs(image - np.asarray(curve_plot([], [], **kw)).astype(int)).max() > 100  # not "no steps yet"
 
 
 def _checkpoint(srv, job_id):
@@ -401,9 +428,10 @@ def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, 
     """Issue 15: a job stopped by Cancel and resumed through the route (no server restart) trains
     on to its end, every step logged once. The job keeps a clean copy of the graph it was queued
     with (ComfyUI's executed prompt carries "is_changed": [NaN]: queued again, the whole graph
-    came from the output cache and the job stayed stopped), and the route queues it through
-    POST /prompt's steps: the trainer node really runs again. Removing the finished job then
-    deletes its folder and keeps the LoRA it published."""
+    came from the output cache and the job stayed stopped), and the route posts it to ComfyUI's own
+    POST /prompt: the trainer node really runs again, and a graph that no longer validates is
+    refused with ComfyUI's message. Removing the finished job then deletes its folder and keeps the
+    LoRA it published."""
     srv, n = trainer_server, 8
     prompt = train_prompt(models_tree, reward_tree, name="resume-route", steps=n, seed=11)
     before = {j["id"] for j in jobs(srv)}
@@ -416,6 +444,18 @@ def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, 
     assert 2 <= saved < n and _checkpoint(srv, job_id)["step"] == saved
     with open(os.path.join(job_dir(srv, job_id), "job.json"), encoding="utf-8") as f:
         assert json.load(f)["prompt"] == prompt  # what was queued, nothing the executor added
+    # the route posts the graph to ComfyUI's own POST /prompt: a graph that no longer validates (its
+    # reward file moved away) is refused with ComfyUI's message, which names the node's input
+    reward_file = os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"])
+    os.rename(reward_file, reward_file + ".away")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            srv.post(f"/rewardtune/jobs/{job_id}/resume", {})
+        refusal = e.value.read().decode()
+        assert e.value.code == 409 and "no longer validates" in refusal and "reward_model" in refusal, refusal
+    finally:
+        os.rename(reward_file + ".away", reward_file)
+    assert srv.get(f"/rewardtune/jobs/{job_id}")["job"]["state"] == "stopped"
 
     with Events(srv) as ev:
         res = srv.post(f"/rewardtune/jobs/{job_id}/resume", {"client_id": ev.client})

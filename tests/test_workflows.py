@@ -174,7 +174,47 @@ def test_examples_hold_the_papers_settings(info):
     assert len(sqdf["prompts"].splitlines()) == 4
     refl = inputs("train_imagerefl", "RewardTuneTrainLoRA")[0]
     assert (refl["objective"], refl["preset"], refl["dataset_folder"]) == \
-        ("imagerefl", "ImageReFL (paper, SD1.5)", "rewardtune_dataset")
+        ("imagerefl", "ImageReFL (paper, SD1.5)", "my_dataset")
+
+
+# how the shipped templates' file names say a model family; a title naming a family must name the
+# family of its node's file (template 7's SD3.5 loader was titled "Base checkpoint (SD1.5)")
+FAMILIES = {"SD1.5": r"v1-5|sd15|sd1\.5", "SDXL": r"sdxl|sd_xl", "SD3.5": r"sd3\.5|sd35"}
+FAMILY = re.compile("|".join(re.escape(f) for f in FAMILIES))
+NOTE_TITLE = "About this workflow"
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLES))
+def test_template_titles_state_no_numbers_and_name_the_right_family(key):
+    """A title that states a number goes stale as soon as the widget it repeats changes ("k = 30 of
+    40" over a node set to 28 steps, switch 21): no digits in titles but a family's name; a title
+    that names a family names the one of the node's file."""
+    for node in load_example(EXAMPLES[key])["nodes"]:
+        title = node.get("title") or ""
+        assert not re.search(r"\d", FAMILY.sub("", title)), f"{key}: node {node['id']} is titled {title!r}"
+        for family in FAMILY.findall(title):
+            files = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(".safetensors")]
+            assert files and all(re.search(FAMILIES[family], f, re.IGNORECASE) for f in files), \
+                f"{key}: node {node['id']} titled {title!r} holds {files}"
+
+
+def test_templates_share_one_placeholder_style(info):
+    """The files a user must supply have one kind of name in every template (my_…, as the
+    dataset_folder tooltip's example, my_dataset), and every note has the same title (an untitled
+    note shows as "Markdown Note")."""
+    tooltip = info["RewardTuneTrainLoRA"]["input"]["required"]["dataset_folder"][1]["tooltip"]
+    assert "my_dataset" in tooltip, tooltip
+    for key, name in EXAMPLES.items():
+        wf = load_example(name)
+        prompt = ui_to_api(wf, info, check_options=False)
+        for node in prompt.values():
+            placeholder = node["inputs"].get("lora_name") if node["class_type"] == "LoraLoader" else \
+                node["inputs"].get("dataset_folder") if node["class_type"] == "RewardTuneTrainLoRA" else None
+            if placeholder:
+                assert placeholder.startswith("my_"), f"{key}: {node['class_type']} holds {placeholder!r}"
+        notes = [n for n in wf["nodes"] if n["type"] in ("MarkdownNote", "Note")]
+        assert notes and all(n.get("title") == NOTE_TITLE for n in notes), \
+            f"{key}: notes titled {[n.get('title') for n in notes]}"
 
 
 def _box(node):
@@ -216,7 +256,12 @@ def test_overlap_check_can_fail():
 
 def test_templates_are_listed_with_pictures(server, pack):
     """/workflow_templates lists one template per task; the Templates dialog titles each card with
-    the file name and fetches <name>.jpg as its picture."""
+    the file name and fetches <name>.jpg as its picture. ComfyUI's own templates and node docs are
+    served too (a normal install has their packages; without them the dialog had only ours and an
+    error banner)."""
+    core = server.get("/templates/index.json")
+    assert isinstance(core, list) and sum(len(c.get("templates", [])) for c in core) > 10
+    assert server.get("/docs/KSampler/en.md").decode("utf-8").strip()
     listed = server.get("/workflow_templates")[pack]
     assert sorted(listed) == sorted(EXAMPLES.values())
     for name in listed:
@@ -294,16 +339,17 @@ def _all_input_names(node_info):
 
 
 def test_every_node_has_a_help_page_documenting_every_input(host, server, info, pack):
-    """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves where the
-    frontend's help panel fetches it, /extensions/<pack>/docs/<Node>.md (after a per-locale
-    /docs/<Node>/<locale>.md); each page names every input, as `name`, and has a worked example."""
+    """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves at the first
+    address the frontend's help panel fetches, /extensions/<pack>/docs/<Node>/en.md (it falls back
+    to <Node>.md only after a 404 there); each page names every input, as `name`, and has a worked
+    example."""
     ours = our_nodes(info)
     assert ours == sorted(n for n in host.node_classes if n.startswith("RewardTune"))
     for name in ours:
-        page = server.get(f"/extensions/{pack}/docs/{name}.md")
+        page = server.get(f"/extensions/{pack}/docs/{name}/en.md")
         assert isinstance(page, bytes), f"{name}: help page not served as markdown"
         text = page.decode("utf-8")
         assert text.startswith("# "), f"{name}: help page has no title"
         missing = [i for i in _all_input_names(info[name]) if f"`{i}`" not in text]
-        assert not missing, f"web/docs/{name}.md does not document {missing}"
+        assert not missing, f"web/docs/{name}/en.md does not document {missing}"
         assert "## Example" in text, f"{name}: help page has no worked example"

@@ -1,8 +1,9 @@
-// RewardTune front-end extension: the pack's nodes in one recognisable colour, and a sidebar tab
-// listing training jobs with live reward curves, Cancel, Resume and Remove (web/rewardtune_panel.js).
+// RewardTune front-end extension: the pack's nodes in one recognisable colour, and the Training tab
+// (a sidebar tab) listing training jobs with live reward curves, Cancel, Resume and Remove
+// (web/rewardtune_panel.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { JobsPanel, PANEL_CSS } from "./rewardtune_panel.js";
+import { JobsPanel, PANEL_CSS, TAB_NAME } from "./rewardtune_panel.js";
 
 const RT_PREFIX = "RewardTune";
 export const RT_COLOR = "#2a3f5a";
@@ -24,6 +25,29 @@ const ui = {
 
 const panel = new JobsPanel(api, ui);
 
+// The pack's websocket messages get their listeners as soon as this file is imported. The frontend
+// (1.47) opens its socket right after importing the extensions, before their setup(), and logs a
+// message type nobody listens to yet as "Unhandled message … Unknown message type": after a reload
+// mid-job the first steps' rewardtune.progress arrived in that gap.
+api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.detail));
+api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
+api.addEventListener("rewardtune.removed", (e) => panel.store.onRemoved(e.detail));
+
+// The Templates dialog shows a pack's templates in the order GET /workflow_templates lists them, and
+// ComfyUI 0.30 lists example_workflows/ in directory order (an unsorted glob): order ours by their
+// leading number. The list is keyed by the pack's folder name, the one this file is served under.
+const PACK_FOLDER = decodeURIComponent(new URL(import.meta.url).pathname.split("/").at(-2));
+const listTemplates = api.getWorkflowTemplates?.bind(api);
+if (listTemplates) {
+  api.getWorkflowTemplates = async () => {
+    const listed = await listTemplates();
+    if (Array.isArray(listed?.[PACK_FOLDER])) {
+      listed[PACK_FOLDER] = [...listed[PACK_FOLDER]].sort((a, b) => a.localeCompare(b, "en", { numeric: true }));
+    }
+    return listed;
+  };
+}
+
 app.registerExtension({
   name: "rewardtune.core",
   async setup() {
@@ -31,16 +55,14 @@ app.registerExtension({
     style.id = "rewardtune-panel-css";
     style.textContent = PANEL_CSS;
     document.head.appendChild(style);
-    api.addEventListener("rewardtune.progress", (e) => panel.store.onProgress(e.detail));
-    api.addEventListener("rewardtune.job", (e) => panel.store.onJob(e.detail));
     // events sent while the socket was down are lost: read the list again
     api.addEventListener("reconnected", () => panel.refresh());
     app.extensionManager?.registerSidebarTab?.({
       id: "rewardtune-jobs",
       icon: "pi pi-chart-line",
-      title: "RewardTune",
-      label: "Training", // the label under the icon: one short word, or it wraps mid-word
-      tooltip: "RewardTune training jobs",
+      title: TAB_NAME,
+      label: TAB_NAME, // the label under the icon: one short word, or it wraps mid-word
+      tooltip: "RewardTune's training jobs",
       type: "custom",
       render: (el) => panel.mount(el),
     });

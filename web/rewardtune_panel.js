@@ -1,4 +1,5 @@
-// RewardTune training panel: the jobs list with live reward curves, Cancel, Resume and Remove.
+// RewardTune's Training tab (a sidebar tab): the jobs list with live reward curves, Cancel, Resume
+// and Remove.
 //
 // Three layers, so each can be tested where it runs:
 // - pure functions (URLs, formatting, what each state offers, the curve's geometry): plain data in,
@@ -10,6 +11,8 @@
 //   whole panel's HTML. tests/test_browser.py drives it in Chromium against a real server.
 
 export const ROUTE = "/rewardtune/jobs";
+// The tab's one name: its sidebar button, its header, and what the docs, templates and node outputs call it
+export const TAB_NAME = "Training";
 export const ACTIVE = new Set(["queued", "running"]);
 export const RESUMABLE = new Set(["stopped", "failed", "interrupted"]);
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -222,6 +225,13 @@ export class JobsStore {
       this.statusAt.set(event.id, this.now());
       this.loadMetrics(event.id).catch(() => {}); // the newest sample image comes with the status
     }
+  }
+
+  /** A job removed (here, in another tab or by a script): rewardtune.removed. */
+  onRemoved(event) {
+    if (!this.jobs.has(event?.id)) return;
+    this.forget(event.id);
+    this.onChange(null);
   }
 
   /** POST a job action (cancel, resume, remove); returns the server's answer. */
@@ -464,7 +474,7 @@ export class JobsPanel {
     this.cards.clear();
     root.classList.add("rt-panel");
     const header = el("div", "rt-header");
-    const title = el("span", "rt-title", "RewardTune training");
+    const title = el("span", "rt-title", TAB_NAME);
     const refresh = el("button", "rt-icon-btn rt-refresh");
     refresh.type = "button";
     refresh.title = "Refresh the jobs list";

@@ -143,6 +143,13 @@ test("the store follows routes and websocket events, and tells which jobs change
   await store.act("run-abc123", "remove");
   assert.equal(api.calls.at(-1), "POST /rewardtune/jobs/run-abc123/remove");
   assert.ok(!store.jobs.has("run-abc123"));
+  // removed elsewhere (another browser tab, a script): the websocket's rewardtune.removed drops it
+  store.onRemoved({ id: "other-1" });
+  assert.deepEqual(changes.pop(), null);
+  assert.ok(!store.jobs.has("other-1") && !store.metrics.has("other-1"));
+  const told = changes.length;
+  store.onRemoved({ id: "never-listed" }); // nothing to do, nothing redrawn
+  assert.equal(changes.length, told);
   // a job the server no longer lists disappears on refresh
   listed = [];
   await store.refresh();
