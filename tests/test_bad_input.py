@@ -11,6 +11,7 @@ import signal
 import time
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,6 +213,87 @@ def test_non_finite_images_get_a_clear_error(host, models_tree, reward_tree):
             host.node_classes[node].execute(handle, images, *args)
         assert "image #2" in str(info.value) and "inf" in str(info.value), (node, str(info.value))
     assert "non-finite" in host.node_classes["RewardTuneBestOfN"].GET_NODE_INFO_V1()["description"]
+
+
+def _hps_handle(host, reward_tree):
+    return host.node_classes["RewardTuneLoadRewardModel"].execute(
+        reward_tree["files"]["hpsv2"], "auto", "fp32", "(none)").args[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 300_000), (1, 300_000, 1)])
+def test_a_thin_png_scores_without_the_memory_of_its_resize(host, models_tree, reward_tree, shape):
+    """An uploaded 1×W (or H×1) PNG, a few kB, through ComfyUI's Load Image into Reward Score with
+    captions on. The reward preprocessing used to scale the short side to 224 first: 1×300,000
+    became 224×67,200,000 pixels, 180 GB (4096 wide took 4.7 GB). It now crops the part the model
+    sees before resizing, so the work is bounded by the model's input; the caption's font is bounded
+    by the image's width as well as its height."""
+    import folder_paths
+    from PIL import Image
+    _, h, w = shape
+    name = f"rt_thin_{h}x{w}.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+        os.path.join(folder_paths.get_input_directory(), name))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "RewardTuneLoadRewardModel",
+              "inputs": {"reward_model": reward_tree["files"]["hpsv2"], "reward_type": "auto", "precision": "fp32",
+                         "aesthetic_clip": "(none)"}},
+        "3": {"class_type": "RewardTuneScoreImages",
+              "inputs": {"reward_model": ["2", 0], "images": ["1", 0], "prompt": "a thin line",
+                         "one_prompt_per_line": False, "batch_size": 8, "caption_images": True}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "rt_thin_captioned"}},
+    }
+    t0 = time.perf_counter()
+    out = host.run(prompt)
+    assert time.perf_counter() - t0 < 60
+    text = out["3"]["text"][0]
+    assert "1 image(s)" in text and "nan" not in text.lower(), text
+    saved = out["4"]["images"][0]
+    with Image.open(os.path.join(folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])) as im:
+        assert im.size == (w, h) and im.mode == "RGB"
+
+
+CHANNEL_CASES = {"gray": (2, 32, 32, 1), "gray+alpha": (2, 32, 32, 2), "one HWC image": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("case", CHANNEL_CASES)
+def test_score_captions_grayscale_and_single_images(host, reward_tree, case):
+    """Reward Score's captions on the images the scoring accepts: grayscale (1 channel) and
+    gray + alpha (2) are expanded to RGB, as the docs promise, and one image without a batch
+    axis is a batch of one (the captions used to crash in PIL on all three)."""
+    handle = _hps_handle(host, reward_tree)
+    images = torch.rand(CHANNEL_CASES[case], generator=torch.Generator().manual_seed(1))
+    node = host.node_classes["RewardTuneScoreImages"]
+    out = node.execute(handle, images, "a", False, 8, True).args
+    plain = node.execute(handle, images, "a", False, 8, False).args
+    assert out[0] == plain[0]  # the same scores with captions on
+    batch = images if images.ndim == 4 else images[None]
+    assert out[2].shape == (*batch.shape[:3], 3)
+    rgb = batch[..., :1].expand(-1, -1, -1, 3) if batch.shape[-1] < 3 else batch
+    # below the caption bar: the image, in RGB (through 8 bits); the bar: not the image
+    assert torch.allclose(out[2][:, 24:], rgb[:, 24:], atol=0.5 / 255 + 1e-6)
+    assert not torch.allclose(out[2][:, :8], rgb[:, :8], atol=0.1)
+
+
+BAD_SCORE_INPUT = {
+    # case: (images, prompt, one_prompt_per_line, what the message must say, what it must not)
+    "empty batch": ((0, 32, 32, 3), "a", False, ["empty", "(0, 32, 32, 3)", "at least one image"], ["reshape"]),
+    "5 channels": ((1, 8, 8, 5), "a", False, ["5 channels", "(1, 8, 8, 5)"], ["(1, 5, 8, 8)"]),
+    "a blank line": ((3, 8, 8, 3), "a cat\n\na dog\nan owl", True, ["line 2 is empty", "one_prompt_per_line"], []),
+    "only whitespace": ((2, 8, 8, 3), " \n\t\n", True, ["no prompt", "one_prompt_per_line"], []),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCORE_INPUT)
+def test_bad_images_and_prompts_into_score_and_best_of_n_say_what_is_wrong(host, reward_tree, case):
+    shape, prompt, per_line, says, never = BAD_SCORE_INPUT[case]
+    handle = _hps_handle(host, reward_tree)
+    for node, last in (("RewardTuneScoreImages", True), ("RewardTuneBestOfN", 1)):
+        with pytest.raises(Exception) as info:
+            host.node_classes[node].execute(handle, torch.rand(shape), prompt, per_line, 8, last)
+        msg = str(info.value)
+        assert all(s in msg for s in says) and not any(s in msg for s in never), (node, msg)
 
 
 def _train_error(host, models_tree, reward_tree, **kw) -> str:

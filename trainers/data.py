@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..rewards.preprocess import MAX_RESIZE_RATIO, kernel_margin
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _AREA_TOLERANCE = 0.15  # a bucket's pixel count may differ this much from width*height
 
@@ -153,12 +155,24 @@ def _closest_bucket(h: int, w: int, buckets: Sequence[tuple[int, int]]) -> tuple
 
 
 def fit_to_bucket(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (antialiased bicubic) to cover ``size`` = (h, w), then centre-crop to it. HWC -> HWC."""
+    """Resize (antialiased bicubic) to cover ``size`` = (h, w), then centre-crop to it. HWC -> HWC.
+
+    The work is bounded by ``size``: along an axis where the image holds more than
+    ``MAX_RESIZE_RATIO`` times what the crop shows (a 1 × 1,000,000 strip into a 64 × 128 bucket
+    would otherwise be scaled to 64 × 64,000,000), it is first cut to a centred stretch of that
+    many times, with the kernel's reach to spare, at the same scale. Other images are resized as
+    they are."""
     th, tw = size
     h, w = image.shape[:2]
     scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     x = image.movedim(-1, 0)[None].float()
+    for axis, n, target in ((2, h, th), (3, w, tw)):
+        shown = target / scale  # source pixels the crop keeps along this axis
+        keep = max(math.ceil(MAX_RESIZE_RATIO * shown), math.ceil(shown) + 2 * kernel_margin(scale))
+        if n > keep:
+            x = x.narrow(axis, (n - keep) // 2, keep)
+    h, w = x.shape[-2:]
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (nh - th) // 2, (nw - tw) // 2
