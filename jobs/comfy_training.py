@@ -20,6 +20,7 @@ import comfy.utils
 from ..trainers import memory
 from ..trainers.config import ConfigError, TrainConfig
 from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
+from ..trainers.lora import check_rank
 # the run's fingerprint (part of the job id) is the command line's too: one function for both
 from ..trainers.fingerprint import fingerprint as run_fingerprint, run_identity
 from .manager import Job, JobError, JobSpec, get_manager
@@ -94,12 +95,24 @@ class MemoryPlan:
     shared: bool
 
 
-def plan_memory(config: TrainConfig, model, vae, reward, mode: str) -> MemoryPlan:
-    """Refuse, before a job starts, a run whose training step will not fit the device
-    (``memory.check_budget``, the same check the CLI makes: the step's peak estimated on fake copies
-    of the models, compared with the budget; raises ConfigError saying what to lower), then decide
-    where the job trains (``config.unet_copy``; see ``plan_unet``)."""
-    line, peak, budget = memory.check_budget(config, model, vae, reward, where="config_json")
+def progress_text(text: str, node_id) -> None:
+    """``text`` shown on the executing node (ComfyUI's progress text), e.g. what it waits for."""
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # noqa: BLE001 - no server (a script), or its loop has closed: nothing to show
+        pass
+
+
+def plan_memory(config: TrainConfig, model, vae, reward, mode: str, say=None) -> MemoryPlan:
+    """Refuse, before a job starts, a run that cannot be honoured: a LoRA rank above what the
+    adapted layers hold (``lora.check_rank``, as the CLI), a training step that will not fit the
+    device (``memory.check_budget``, the same check the CLI makes: the step's peak estimated on fake
+    copies of the models, compared with the budget; raises ConfigError saying what to lower); then
+    decide where the job trains (``config.unet_copy``; see ``plan_unet``). ``say(text)``: what the
+    node shows while the estimate runs."""
+    check_rank(model.model.diffusion_model, config.rank, config.targets)
+    line, peak, budget = memory.check_budget(config, model, vae, reward, where="config_json", on_estimate=say)
     shared, unet = plan_unet(config, model, mode, peak, budget)
     return MemoryPlan(line, unet, shared)
 

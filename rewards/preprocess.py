@@ -63,24 +63,34 @@ def _positions(idx: list[int]) -> str:
     return ", ".join(f"#{i}" for i in idx[:8]) + more
 
 
-def check_finite_images(images: torch.Tensor) -> None:
-    """Refuse images with NaN or inf pixels, naming them by batch position. A reward scores them
-    NaN and a NaN sorts first, so a best-of-N would keep the broken image as the best."""
+# where non-finite pixels come from, and what to do: said by every check of an image input
+NON_FINITE_CAUSE = ("They come from upstream, usually an fp16 overflow in the model or the VAE decode: decode in fp32 "
+                    "(a VAE loaded in fp32, or ComfyUI's --fp32-vae), lower the CFG, or leave those images out of the "
+                    "batch")
+
+
+def non_finite_images(images: torch.Tensor, where: str = "of the batch") -> str | None:
+    """The images of a batch with NaN or inf pixels, by position, as the start of a sentence
+    ("image #1 of the batch has NaN"), or None when every pixel is finite."""
     if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim < 2 \
             or images.numel() == 0:  # nothing to check; as_rgb_bchw says what is wrong with an empty batch
-        return
+        return None
     flat = images.detach().reshape(images.shape[0], -1)
     bad = ~torch.isfinite(flat).all(dim=1)
     if not bool(bad.any()):
-        return
+        return None
     idx = bad.nonzero().flatten().tolist()
     kinds = [k for k, has in (("NaN", bool(torch.isnan(flat).any())), ("inf", bool(torch.isinf(flat).any()))) if has]
     one = len(idx) == 1
-    raise RewardInputError(
-        f"image{'' if one else 's'} {_positions(idx)} of the batch ha{'s' if one else 've'} {' and '.join(kinds)} "
-        "(non-finite) pixels: no reward can rank them. They come from upstream, usually an fp16 overflow in the "
-        "model or the VAE decode: decode in fp32 (a VAE loaded in fp32, or ComfyUI's --fp32-vae), lower the CFG, "
-        "or leave those images out of the batch")
+    return f"image{'' if one else 's'} {_positions(idx)} {where} ha{'s' if one else 've'} {' and '.join(kinds)}"
+
+
+def check_finite_images(images: torch.Tensor) -> None:
+    """Refuse images with NaN or inf pixels, naming them by batch position. A reward scores them
+    NaN and a NaN sorts first, so a best-of-N would keep the broken image as the best."""
+    bad = non_finite_images(images)
+    if bad:
+        raise RewardInputError(f"{bad} (non-finite) pixels: no reward can rank them. {NON_FINITE_CAUSE}")
 
 
 def check_finite_scores(scores: torch.Tensor, dtype: torch.dtype) -> None:

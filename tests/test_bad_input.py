@@ -302,6 +302,71 @@ def _train_error(host, models_tree, reward_tree, **kw) -> str:
     return err["exception_message"]
 
 
+def _manager(host):
+    """The job manager of the pack as ComfyUI loaded it in this process (its own module copy)."""
+    import sys
+    return sys.modules[host.node_classes["RewardTuneTrainLoRA"].__module__].get_manager()
+
+
+def _progress_texts(host) -> list[str]:
+    """The progress texts (ComfyUI's binary TEXT messages) sent since the last call."""
+    import asyncio
+    import struct
+    host.loop.run_until_complete(asyncio.sleep(0))  # deliver what send_sync scheduled from the node
+    texts = []
+    while not host.server.messages.empty():
+        event, data, _ = host.server.messages.get_nowait()
+        if isinstance(data, (bytes, bytearray)) and event == 3:  # BinaryEventTypes.TEXT
+            n = struct.unpack(">I", data[:4])[0]
+            texts.append(bytes(data[4 + n:]).decode("utf-8"))
+    return texts
+
+
+REFUSED_UP_FRONT = {
+    # case: (train_prompt settings, what the message must say, what it must not)
+    "budget 1e308": ({"config_json": json.dumps({**SMALL, "memory_budget_gb": 1e308})},
+                     ["memory_budget_gb", "at most"], ["infinity"]),
+    "rank 1e8": ({"config_json": json.dumps({**SMALL, "rank": 100_000_000})},
+                 ["rank 100000000", "at most 320", "attn1.to_k (320 × 320)"], []),
+    "NaN images": ({"objective": "imagerefl", "prompts": "", "nan_images": True},
+                   ["image #1", "NaN", "training images"], ["learning rate", "#0", "#2"]),
+    "deep config_json": ({"config_json": "[" * 100_000 + "]" * 100_000}, ["config_json", "nested"], ["recursion"]),
+    "NUL in dataset_folder": ({"objective": "imagerefl", "prompts": "", "dataset_folder": "my\x00set"},
+                              ["dataset folder", "NUL"], ["embedded null byte"]),
+    "over the budget": ({"config_json": json.dumps({**SMALL, "memory_budget_gb": 0.001})}, ["will not fit"], []),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_UP_FRONT)
+def test_the_trainer_node_refuses_bad_input_before_a_job_exists(host, models_tree, reward_tree, case):
+    """Input a run cannot honour is refused by the node with a message that names it, before a job
+    is created: nothing fails later in the list, with the wrong cause (NaN training pixels used to
+    start a job that failed with "the ImageReFL loss is nan … lower the learning rate"), or as a
+    traceback ("cannot convert float infinity to integer", "maximum recursion depth", "embedded
+    null byte", a 1.28 TB allocation for the LoRA)."""
+    settings, says, never = REFUSED_UP_FRONT[case]
+    settings = dict(settings)
+    name = "refused-" + "".join(c if c.isalnum() else "-" for c in case)
+    nan = settings.pop("nan_images", False)
+    prompt = train_prompt(models_tree, reward_tree, name=name, steps=2, save_every=1, **settings)
+    if nan:
+        import folder_paths
+        latent = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        latent[1] = float("nan")
+        _write_latent(os.path.join(folder_paths.get_input_directory(), "rt_nan_train.latent"), latent)
+        prompt["10"] = {"class_type": "LoadLatent", "inputs": {"latent": "rt_nan_train.latent"}}
+        prompt["11"] = {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}}
+        prompt["3"]["inputs"].update(images=["11", 0], captions="a square")
+    _progress_texts(host)
+    err = host.run_expect_error(prompt)
+    assert err.get("node_type") == "RewardTuneTrainLoRA", err
+    msg = err["exception_message"]
+    assert all(s in msg for s in says) and not any(s in msg for s in never), msg
+    assert name not in {j.name for j in _manager(host).jobs()}  # no job, so none failed in the list
+    if case == "over the budget":  # the estimate runs for a while: the node says so meanwhile
+        assert any("estimating" in t for t in _progress_texts(host))
+
+
 def test_dataset_and_prompt_paths_stay_in_the_input_folder(host, models_tree, reward_tree, tmp_path, monkeypatch):
     import folder_paths
     from PIL import Image

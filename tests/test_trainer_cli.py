@@ -100,9 +100,11 @@ BAD_CONFIGS = {"malformed config": ('{"lr": 0.001,', "is not valid JSON (Expecti
 
 @pytest.mark.parametrize("case", ["empty folder", "missing caption", "rank 0", "no prompts", "missing reward",
                                   *BAD_CONFIGS, "missing config", "reward as checkpoint", "refl without prompts",
-                                  "imagerefl without data"])
+                                  "imagerefl without data", "budget 1e308", "out is a file", "rank 1e8"])
 def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
-    """One "error:" line on stderr saying what to do, exit status 2, no traceback."""
+    """One "error:" line on stderr saying what to do, exit status 2, no traceback, nothing written
+    (a --memory-budget-gb of 1e308, an --out that is a file and a --rank above the layers' sizes were
+    tracebacks: "cannot convert float infinity to integer", FileExistsError, a 1.28 TB allocation)."""
     data = tmp_path / "data"
     data.mkdir()
     args, expect = ["--objective", "imagerefl", "--data", str(data), "--prompts", "p"], "has no images"
@@ -126,6 +128,13 @@ def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
         args, expect = [*refl, "--config", str(tmp_path / "run.json")], BAD_CONFIGS[case][1]
     elif case == "missing config":
         args, expect = [*refl, "--config", str(tmp_path / "nope.json")], "nope.json does not exist: give the path"
+    elif case == "budget 1e308":
+        args, expect = [*refl, "--memory-budget-gb", "1e308"], "memory_budget_gb must be ≥ 0"
+    elif case == "out is a file":
+        (tmp_path / "out").write_text("my notes")
+        args, expect = [*refl, *SMALL], "is a file"
+    elif case == "rank 1e8":  # bounded by the layers it adapts: known once the checkpoint is loaded
+        args, expect = [*refl, *SMALL, "--rank", "100000000"], "takes a rank of at most 320"
     elif case == "reward as checkpoint":
         hps = os.path.join(reward_tree["dir"], reward_tree["files"]["hpsv2"])
         args, expect = [*refl, *SMALL, "--checkpoint", hps], "is not a checkpoint ComfyUI can load"
@@ -133,7 +142,10 @@ def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0] and "Traceback" not in proc.stderr, proc.stderr
-    assert not (tmp_path / "out").exists()  # nothing written
+    if case == "out is a file":
+        assert (tmp_path / "out").read_text() == "my notes"
+    else:
+        assert not (tmp_path / "out").exists()  # nothing written
 
 
 def _start(cli, *args) -> subprocess.Popen:

@@ -308,6 +308,9 @@ def _run(args: argparse.Namespace) -> int:
                           "(autocast to a half type); pass --precision fp32 or leave out --float64")
     comfy_dir = find_comfyui(args.comfyui)
     from .data import load_examples, parse_prompts
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file: give the path of a folder for the run (created if it does "
+                          "not exist), e.g. runs/hps")
     ckpt = os.path.join(args.out, "checkpoint.pt")
     resume = args.resume or (args.auto_resume and os.path.exists(ckpt))
     if os.path.exists(ckpt) and not resume:
@@ -356,7 +359,8 @@ def _check_memory(config, model, vae, reward_model, world) -> str:
     if world.is_main:
         try:
             result[0] = memory.check_budget(config, model, vae, reward_model,
-                                            where="--memory-budget-gb, or --skip-memory-check")[0]
+                                            where="--memory-budget-gb, or --skip-memory-check",
+                                            on_estimate=lambda text: print(f"memory: {text}", flush=True))[0]
         except ConfigError as e:
             result[1] = str(e)
     if world.distributed:
@@ -378,6 +382,8 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     from ..rewards import load_reward_model
     _check_interrupt()
     model, clip, vae = _load_models(args)
+    from .lora import check_rank
+    check_rank(model.model.diffusion_model, config.rank, config.targets)  # before a budget estimate builds the LoRA
     _check_interrupt()
     reward_model = load_reward_model(args.reward, args.reward_type, clip_vision_path=args.aesthetic_clip,
                                      device=mm.get_torch_device(), dtype=_load_dtype(args) or torch.float32)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from ..rewards.preprocess import MAX_RESIZE_RATIO, kernel_margin
+from ..rewards.preprocess import MAX_RESIZE_RATIO, NON_FINITE_CAUSE, kernel_margin, non_finite_images
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _AREA_TOLERANCE = 0.15  # a bucket's pixel count may differ this much from width*height
@@ -49,10 +49,18 @@ def _inside(real: str, roots: Sequence[str]) -> bool:
     return False
 
 
+def check_no_nul(path, what: str) -> None:
+    """No file or folder name holds a NUL character; os.path would refuse one with "embedded null byte"."""
+    if "\0" in str(path):
+        raise DatasetError(f"{what} {str(path).strip()!r} contains a NUL character (\\x00), which no file or folder "
+                           "name can hold: type the path again (a pasted path can carry control characters)")
+
+
 def confine(path: str, roots: Sequence[str], what: str) -> str:
     """``path`` resolved (``..`` and symlinks included; a relative path starts in ``roots[0]``) if it
     lies inside one of ``roots``. Otherwise one refusal, decided before anything is read and worded
     the same whether the path exists or not, so it tells nothing about the disk."""
+    check_no_nul(path, what)
     p = os.path.expanduser(str(path).strip())
     real = os.path.realpath(p if os.path.isabs(p) else os.path.join(roots[0], p))
     if _inside(real, roots):
@@ -82,6 +90,7 @@ def read_image_folder(folder: str, roots: Sequence[str] | None = None) -> list[t
     """(image_path, caption) pairs for every image in ``folder`` (not recursive, sorted by name),
     each captioned by the .txt file of the same name. With ``roots`` (the server: ``allowed_roots``)
     the folder, and every file read from it, must lie inside one of them (``confine``)."""
+    check_no_nul(folder, "dataset folder")
     folder = confine(folder, roots, "dataset folder") if roots else os.path.expanduser(str(folder))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
@@ -208,6 +217,9 @@ def examples_from_graph(images: torch.Tensor, captions, width: int, height: int,
         shape = None if images is None else tuple(images.shape)
         raise DatasetError(f"the image input is empty or not an IMAGE batch (shape {shape}): "
                            "connect at least one image")
+    bad = non_finite_images(images, "of the training images")
+    if bad:  # refused here, before a job exists: a run on them fails at once with a NaN loss
+        raise DatasetError(f"{bad} (non-finite) pixels: nothing can be trained on them. {NON_FINITE_CAUSE}")
     captions = [captions] if isinstance(captions, str) else list(captions)
     b = images.shape[0]
     if len(captions) not in (1, b):
@@ -230,6 +242,7 @@ def parse_prompts(text_or_path: str, roots: Sequence[str] | None = None) -> list
     text, where = str(text_or_path), "the prompt text"
     candidate = os.path.expanduser(text.strip())
     if "\n" not in candidate and candidate.lower().endswith(".txt"):
+        check_no_nul(candidate, "prompt file")
         if roots:
             candidate = confine(candidate, roots, "prompt file")
         if not os.path.isfile(candidate):  # a one-line prompt ending in .txt is surely a mistyped path
