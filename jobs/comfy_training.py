@@ -20,6 +20,7 @@ import comfy.utils
 from ..trainers import memory
 from ..trainers.config import ConfigError, TrainConfig
 from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
+from ..trainers.history import checkpoint_history
 from ..trainers.lora import check_rank
 # the run's fingerprint (part of the job id) is the command line's too: one function for both
 from ..trainers.fingerprint import fingerprint as run_fingerprint, run_identity
@@ -235,7 +236,7 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
             def encode(text: str):
                 return clip.encode_from_tokens_scheduled(clip.tokenize(text))
             resume = job.checkpoint if os.path.exists(job.checkpoint) else None
-            job.truncate_metrics(load_checkpoint(resume, mmap=True)["step"] if resume else 0)
+            job.restart_metrics(checkpoint_history(load_checkpoint(resume, mmap=True) if resume else None))
             result = train(unet, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
                            should_stop=job.cancel.is_set, on_step=on_step, on_checkpoint=on_checkpoint)
@@ -288,5 +289,8 @@ def wait(job: Job, progress=None, poll: float = 0.1) -> None:
     if progress is not None:
         progress(job.step, job.config.steps, None)
     if job.state == "failed":
-        raise TrainingError(f"training job {job.id} failed: {job.error}. Its last checkpoint is kept; fix the "
-                            "problem and queue the graph again to resume it.")
+        error = (job.error or "").rstrip(". ")
+        # the engine's errors say what became of the checkpoint, as does an unreadable one's hint
+        tail = "" if "checkpoint" in error else (" Its last checkpoint is kept: fix the problem and queue the graph "
+                                                 "again to resume it.")
+        raise TrainingError(f"training job {job.id} failed: {error}.{tail}")

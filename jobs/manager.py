@@ -42,6 +42,7 @@ from typing import Callable
 
 from ..trainers.atomic import atomic_write
 from ..trainers.config import TrainConfig
+from ..trainers.history import rewrite_log
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}\Z")  # \Z: "$" would accept a trailing newline
 ACTIVE = ("queued", "running")                            # a job in these states holds the worker or waits
@@ -94,12 +95,13 @@ def checkpoint_step(path: str) -> int:
 
 
 def resume_step(job: "Job") -> tuple[int, str | None]:
-    """(the step a resume of ``job`` starts from, the job's error): its checkpoint's step, 0 without
-    one; an unreadable checkpoint gives 0 and an error that says what to do."""
+    """(the step a resume of ``job`` starts from, what is wrong with its checkpoint): its
+    checkpoint's step and None, 0 and None without one; an unreadable checkpoint gives 0 and an
+    error that says what to do."""
     if not os.path.exists(job.checkpoint):
-        return 0, job.error
+        return 0, None
     try:
-        return checkpoint_step(job.checkpoint), job.error
+        return checkpoint_step(job.checkpoint), None
     except Exception as e:
         log.warning("RewardTune: job %s: cannot read its checkpoint: %s", job.id, e)
         return 0, (f"its checkpoint cannot be read ({type(e).__name__}): delete {job.checkpoint} to train "
@@ -195,15 +197,14 @@ class Job:
                         "full disk mid-write); the other lines are kept", self.id, len(torn),
                         ", ".join(map(str, torn[:5])))
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines after ``step``: a resumed run repeats the steps after its checkpoint.
-        Torn lines go too (the next line would be appended to a line without its newline)."""
-        rows, torn = self.read_metrics()
-        self.warn_torn(torn)
-        kept = [r for r in rows if r["step"] <= step]
-        if len(kept) != len(rows) or torn or step == 0:
-            write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
-        self.step, self.last = step, (kept[-1] if kept else {})
+    def restart_metrics(self, history: list[dict]) -> None:
+        """Before a run: metrics.jsonl rewritten as ``history``, the metrics its checkpoint holds
+        (empty without one), as the CLI does (``trainers.history.rewrite_log``). A resumed run
+        repeats the steps after its checkpoint; a torn line (a crash or a full disk mid-append)
+        may be a step only the history still holds, and the next line would be appended to it."""
+        self.warn_torn(self.read_metrics()[1])
+        rewrite_log(self.metrics_file, history)
+        self.step, self.last = (int(history[-1]["step"]), history[-1]) if history else (0, {})
 
     def report(self, metrics: dict) -> None:
         """Called by the run after every optimizer step."""
@@ -266,7 +267,8 @@ class JobManager:
                   created=float(data.get("created", time.time())), prompt=api_prompt(data.get("prompt")))
         # the step a resume starts from is the checkpoint's, not the last logged one: a kill
         # between a step's metrics line and its checkpoint leaves the log ahead
-        job.step, job.error = resume_step(job)
+        job.step, problem = resume_step(job)
+        job.error = problem or job.error
         rows, torn = job.read_metrics()
         job.warn_torn(torn)
         done = [r for r in rows if r["step"] <= job.step]
@@ -358,9 +360,11 @@ class JobManager:
             if job.state == "finished":
                 self.publish(job)
         except Exception as e:  # the job fails; the server and the last checkpoint are kept
-            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
             log.error("RewardTune job %s failed:\n%s", job.id, traceback.format_exc())
-            job.step = resume_step(job)[0]  # what a resume starts from, not the last logged step
+            # what a resume starts from, not the last logged step; a checkpoint that cannot be read
+            # is what the job must say (with what to do), as the list says after a restart
+            job.step, problem = resume_step(job)
+            job.state, job.error = "failed", problem or f"{type(e).__name__}: {e}"
         finally:
             job.spec = None  # drop the live models
             job.save()

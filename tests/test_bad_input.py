@@ -143,6 +143,36 @@ def test_the_list_shows_the_step_a_resume_starts_from(restarted):
     assert st["metrics"][:saved] == before[:saved]
 
 
+def test_a_torn_last_line_then_a_resume_keeps_every_step_and_a_broken_checkpoint_says_what_to_do(
+        host, models_tree, reward_tree):
+    """Through the node (mode wait) in the executor: a job ends at its checkpoint's step 3, the
+    last line of its metrics.jsonl is torn (a crash or a full disk mid-append), and queueing it
+    with 5 steps resumes it: the log holds steps 1–5 once, as the checkpoint's history does (the
+    job path kept the whole lines up to the checkpoint's step, losing step 3 for good: [1, 2, 4,
+    5]). Then its checkpoint is damaged and it is queued again: the job fails saying to delete the
+    checkpoint to train again (the hint the list shows), not that "its last checkpoint is kept"."""
+    name = "torn-then-resumed"
+    prompt = train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=3, save_every=3)
+    host.run(prompt)
+    (job,) = [j for j in _manager(host).jobs() if j.name == name]
+    assert job.state == "finished" and job.step == 3
+    data = open(job.metrics_file, "rb").read()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    with open(job.metrics_file, "wb") as f:
+        f.write(data[:start + (len(data) - start) // 2])  # step 3's line, half written
+    host.run(train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=5, save_every=3))
+    logged = [json.loads(line) for line in open(job.metrics_file, encoding="utf-8")]
+    state = torch.load(job.checkpoint, weights_only=True)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5] and logged == json.loads(state["history"])
+
+    with open(job.checkpoint, "wb") as f:
+        f.write(b"PK\x03\x04 not really a zip")
+    err = host.run_expect_error(train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=6, save_every=3))
+    msg = err["exception_message"]
+    assert "delete" in msg and job.checkpoint in msg and "last checkpoint is kept" not in msg, msg
+    assert job.state == "failed" and "delete" in job.error and job.step == 0, (job.state, job.error)
+
+
 TRAVERSAL_IDS = ("..%2F..%2Fx", "..%2F..%2F..%2Fetc%2Fpasswd", "%2E%2E", "%2E%2E%2F%2E%2E%2Fx", "a%2E%2E",
                  "..%5C..%5Cx", "%252E%252E%252Fx", "x%00y", "nope-123", "nope-123%0A", "-leading-dash", "a" * 81)
 

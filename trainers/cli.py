@@ -270,13 +270,6 @@ def _check_fingerprint(out: str, identity: dict, resume: bool, write: bool = Tru
         _write_text(path, json.dumps(record(identity), indent=1))
 
 
-def _reset_metrics(out: str, history: list[dict] | None) -> None:
-    """metrics.jsonl as the checkpoint's history (a resume repeats the steps after it; a kill may
-    have torn the last line), or empty for a fresh run (a killed run before its first checkpoint
-    leaves lines that no checkpoint holds)."""
-    _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history or []))
-
-
 def _import_comfy(comfy_dir: str, cpu: bool) -> None:
     """ComfyUI importable from ``comfy_dir``, its own argument parsing off (these are not its flags)."""
     print(f"loading ComfyUI from {comfy_dir} …", flush=True)
@@ -375,6 +368,7 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     _import_comfy(comfy_dir, args.cpu)
     from .engine import reward_from_model, train
     from .fingerprint import run_identity
+    from .history import checkpoint_history, rewrite_log
     _check_interrupt()
     saved = _saved_checkpoint(ckpt, config, args.out, world) if resume else None
 
@@ -406,7 +400,10 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     _check_fingerprint(args.out, identity, resume, write=main)
     if main:
         _write_text(os.path.join(args.out, "config.json"), config.to_json())
-        _reset_metrics(args.out, json.loads(saved["history"]) if saved is not None else None)
+        # the checkpoint's history (a resume repeats the steps after it; a kill may have torn the last
+        # line), or empty for a fresh run (a run killed before its first checkpoint leaves lines no
+        # checkpoint holds): the jobs do the same
+        rewrite_log(os.path.join(args.out, "metrics.jsonl"), checkpoint_history(saved))
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8") if main \
         else contextlib.nullcontext()
     exit_at = _test_exit_step(world)
