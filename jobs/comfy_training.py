@@ -7,6 +7,7 @@ back into the graph as a MODEL (``tuned_model``)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -254,6 +255,13 @@ def lora_from_checkpoint(job: Job) -> tuple[dict, int]:
     return {k: v.clone() for k, v in state["lora"].items()}, int(state["step"])
 
 
+def check_strength(strength: float) -> None:
+    """A LoRA strength must be a number: NaN passes ComfyUI's min/max check (every comparison with
+    it is false) and would make every patched weight NaN."""
+    if not math.isfinite(strength):
+        raise JobError(f"strength must be a finite number, got {strength}: set it on the node (e.g. 1.0)")
+
+
 def tuned_model(job: Job, model, strength: float = 1.0):
     """(``model`` with the job's newest LoRA, that LoRA's name in the loras folder, its step).
 
@@ -261,6 +269,7 @@ def tuned_model(job: Job, model, strength: float = 1.0):
     (so the Combined KSampler can use base and tuned side by side). A finished job's LoRA is the
     one the manager published when it finished; a mid-training checkpoint's is published now as
     ``<job id>-latest``, so LoraLoader can load the same weights."""
+    check_strength(strength)
     lora_sd, step = lora_from_checkpoint(job)
     manager = get_manager()
     if job.state == "finished" and step >= job.config.steps:

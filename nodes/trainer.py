@@ -301,6 +301,7 @@ class LoadTrainedLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, job, which, strength):
+        comfy_training.check_strength(strength)  # before the job is looked up: said whatever the job
         manager = get_manager()
         found = manager.get(job.strip()) or next((j for j in manager.jobs() if j.name == job.strip()), None)
         if found is None:

@@ -326,6 +326,52 @@ def test_bad_images_and_prompts_into_score_and_best_of_n_say_what_is_wrong(host,
         assert all(s in msg for s in says) and not any(s in msg for s in never), (node, msg)
 
 
+def _combined_prompt(models_tree, **inputs):
+    from rewardtune.testing.workflow import combined_switch_inputs
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "RewardTuneCombinedKSampler",
+              "inputs": {"base_model": ["1", 0], "tuned_model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                         "latent_image": ["4", 0], "seed": 0, "steps": 4, "cfg_base": 2.0, "cfg_tuned": 1.0,
+                         "sampler_name": "euler", "scheduler": "normal", "handoff": "continuous", "denoise": 1.0,
+                         **combined_switch_inputs(switch_step=2), **inputs}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "rt_combined_bad"}},
+    }
+
+
+NOT_A_SETTING = {
+    # case: (prompt builder, what the message must say, what it must not)
+    "denoise NaN": (lambda m: _combined_prompt(m, denoise=float("nan")), ["denoise", "between 0 and 1"],
+                    ["cannot convert"]),
+    "cfg NaN": (lambda m: _combined_prompt(m, cfg_tuned=float("nan")), ["cfg_tuned", "a number"], []),
+    "unknown switch_unit": (lambda m: _combined_prompt(m, switch_unit="percent"), ["switch_unit", "step", "fraction"],
+                            ["positional argument"]),
+    "unknown mode": (lambda m: _combined_prompt(m, mode="average"), ["mode", "switch", "blend"],
+                     ["positional argument"]),
+    "LoRA strength NaN": (lambda m: {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m["sd15"]}},
+        "2": {"class_type": "RewardTuneLoadTrainedLoRA",
+              "inputs": {"model": ["1", 0], "job": "no-such-job", "which": "newest", "strength": float("nan")}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}}, ["strength", "finite"], ["no training job"]),
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_SETTING)
+def test_sampler_and_lora_settings_that_are_not_numbers_say_so(host, models_tree, case):
+    """NaN and inf pass ComfyUI's min/max checks (every comparison with NaN is false), and an
+    unknown DynamicCombo option drops the input altogether: each is refused by the node by name
+    (the Combined KSampler said "cannot convert float NaN to integer" or "missing 1 required
+    positional argument"; a NaN CFG sampled NaN latents; Load Trained LoRA applied a NaN strength)."""
+    build, says, never = NOT_A_SETTING[case]
+    err = host.run_expect_error(build(models_tree))
+    assert "exception_message" in err, err
+    msg = err["exception_message"]
+    assert all(s in msg for s in says) and not any(s in msg for s in never), msg
+
+
 def _train_error(host, models_tree, reward_tree, **kw) -> str:
     err = host.run_expect_error(train_prompt(models_tree, reward_tree, name="paths", steps=2, save_every=1, **kw))
     assert err.get("node_type") == "RewardTuneTrainLoRA", err

@@ -301,6 +301,14 @@ def test_a_checkpoint_without_a_format_version_resumes_exactly_and_newer_formats
     with pytest.raises(TrainingError, match="not a RewardTune training checkpoint \\(it lacks optimizer, rng\\)"):
         load_checkpoint(bad, mmap=True)
 
+    class Payload:  # a "checkpoint" whose unpickling runs a command: refused, without torch's advice
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+    torch.save({**state, "history": Payload()}, bad)
+    with pytest.raises(TrainingError) as info:
+        load_checkpoint(bad)
+    assert "would run code" in str(info.value) and "weights_only" not in str(info.value), str(info.value)
+
 
 def test_stop_request_saves_and_returns(tmp_path):
     patcher, vae = tiny_setup()

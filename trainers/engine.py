@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -143,6 +144,9 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     without "format_version" (written before the field existed) is read as format 1."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # not torch's advice to load it with weights_only=False
+        from ..rewards.checkpoint import code_in_pickle
+        raise TrainingError(code_in_pickle(path, e)) from e
     except Exception as e:
         raise TrainingError(f"cannot read the checkpoint {path}: {e}") from e
     if not isinstance(state, dict):
