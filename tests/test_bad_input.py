@@ -107,14 +107,22 @@ def test_a_torn_metrics_line_and_broken_jobs_hide_nothing(restarted):
         assert node in info, f"{node} missing: the pack failed to import\n{srv.log_tail()}"
     listed = {j["id"]: j for j in srv.get("/rewardtune/jobs")["jobs"]}  # 200, or urllib raises
     assert job_id in listed and restarted["bad_ckpt"] in listed, (list(listed), srv.log_tail())
-    assert restarted["bad_json"] not in listed  # skipped with a warning, alone
+    # the torn job.json: listed as broken, saying what is wrong and what to do (it used to vanish
+    # from the list, leaving only a line in the server's log)
+    broken = listed[restarted["bad_json"]]
+    assert broken["state"] == "broken" and broken["steps"] == 0, broken
+    assert "job.json" in broken["error"] and "Remove" in broken["error"] and "queue" in broken["error"].lower(), broken
     log = srv.log_tail(100_000)
-    assert f"skipping job folder {restarted['bad_json']}" in log
+    assert f"job folder {restarted['bad_json']} is damaged" in log
     # the torn line is reported, not silently dropped
     assert any(job_id in line and "torn line" in line and "metrics.jsonl" in line for line in log.splitlines()), log
     # the job's page answers and its metrics are the whole lines only
     st = srv.get(f"/rewardtune/jobs/{job_id}?limit=5000")
     assert [m["step"] for m in st["metrics"]] == list(range(1, restarted["logged"]))
+    # Remove deletes the broken folder like any ended job's
+    assert srv.post(f"/rewardtune/jobs/{restarted['bad_json']}/remove", {})["removed"]
+    assert restarted["bad_json"] not in {j["id"] for j in srv.get("/rewardtune/jobs")["jobs"]}
+    assert not os.path.exists(os.path.join(srv.workdir, "output", "rewardtune", "jobs", restarted["bad_json"]))
 
 
 @pytest.mark.server
