@@ -7,6 +7,7 @@ back into the graph as a MODEL (``tuned_model``)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ import comfy.utils
 from ..trainers import memory
 from ..trainers.config import ConfigError, TrainConfig
 from ..trainers.engine import TrainingError, load_checkpoint, reward_from_model, train
+from ..trainers.history import checkpoint_history
+from ..trainers.lora import check_rank
 # the run's fingerprint (part of the job id) is the command line's too: one function for both
 from ..trainers.fingerprint import fingerprint as run_fingerprint, run_identity
 from .manager import Job, JobError, JobSpec, get_manager
@@ -94,12 +97,24 @@ class MemoryPlan:
     shared: bool
 
 
-def plan_memory(config: TrainConfig, model, vae, reward, mode: str) -> MemoryPlan:
-    """Refuse, before a job starts, a run whose training step will not fit the device
-    (``memory.check_budget``, the same check the CLI makes: the step's peak estimated on fake copies
-    of the models, compared with the budget; raises ConfigError saying what to lower), then decide
-    where the job trains (``config.unet_copy``; see ``plan_unet``)."""
-    line, peak, budget = memory.check_budget(config, model, vae, reward, where="config_json")
+def progress_text(text: str, node_id) -> None:
+    """``text`` shown on the executing node (ComfyUI's progress text), e.g. what it waits for."""
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, node_id)
+    except Exception:  # noqa: BLE001 - no server (a script), or its loop has closed: nothing to show
+        pass
+
+
+def plan_memory(config: TrainConfig, model, vae, reward, mode: str, say=None) -> MemoryPlan:
+    """Refuse, before a job starts, a run that cannot be honoured: a LoRA rank above what the
+    adapted layers hold (``lora.check_rank``, as the CLI), a training step that will not fit the
+    device (``memory.check_budget``, the same check the CLI makes: the step's peak estimated on fake
+    copies of the models, compared with the budget; raises ConfigError saying what to lower); then
+    decide where the job trains (``config.unet_copy``; see ``plan_unet``). ``say(text)``: what the
+    node shows while the estimate runs."""
+    check_rank(model.model.diffusion_model, config.rank, config.targets)
+    line, peak, budget = memory.check_budget(config, model, vae, reward, where="config_json", on_estimate=say)
     shared, unet = plan_unet(config, model, mode, peak, budget)
     return MemoryPlan(line, unet, shared)
 
@@ -222,7 +237,7 @@ def build_spec(name: str, config: TrainConfig, *, model, vae, clip, reward, prom
             def encode(text: str):
                 return clip.encode_from_tokens_scheduled(clip.tokenize(text))
             resume = job.checkpoint if os.path.exists(job.checkpoint) else None
-            job.truncate_metrics(load_checkpoint(resume, mmap=True)["step"] if resume else 0)
+            job.restart_metrics(checkpoint_history(load_checkpoint(resume, mmap=True) if resume else None))
             result = train(unet, vae, reward_from_model(reward_model, cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=encode, prompts=prompts, images=images, out_dir=job.dir, resume=resume,
                            should_stop=job.cancel.is_set, on_step=on_step, on_checkpoint=on_checkpoint)
@@ -240,6 +255,13 @@ def lora_from_checkpoint(job: Job) -> tuple[dict, int]:
     return {k: v.clone() for k, v in state["lora"].items()}, int(state["step"])
 
 
+def check_strength(strength: float) -> None:
+    """A LoRA strength must be a number: NaN passes ComfyUI's min/max check (every comparison with
+    it is false) and would make every patched weight NaN."""
+    if not math.isfinite(strength):
+        raise JobError(f"strength must be a finite number, got {strength}: set it on the node (e.g. 1.0)")
+
+
 def tuned_model(job: Job, model, strength: float = 1.0):
     """(``model`` with the job's newest LoRA, that LoRA's name in the loras folder, its step).
 
@@ -247,6 +269,7 @@ def tuned_model(job: Job, model, strength: float = 1.0):
     (so the Combined KSampler can use base and tuned side by side). A finished job's LoRA is the
     one the manager published when it finished; a mid-training checkpoint's is published now as
     ``<job id>-latest``, so LoraLoader can load the same weights."""
+    check_strength(strength)
     lora_sd, step = lora_from_checkpoint(job)
     manager = get_manager()
     if job.state == "finished" and step >= job.config.steps:
@@ -275,5 +298,8 @@ def wait(job: Job, progress=None, poll: float = 0.1) -> None:
     if progress is not None:
         progress(job.step, job.config.steps, None)
     if job.state == "failed":
-        raise TrainingError(f"training job {job.id} failed: {job.error}. Its last checkpoint is kept; fix the "
-                            "problem and queue the graph again to resume it.")
+        error = (job.error or "").rstrip(". ")
+        # the engine's errors say what became of the checkpoint, as does an unreadable one's hint
+        tail = "" if "checkpoint" in error else (" Its last checkpoint is kept: fix the problem and queue the graph "
+                                                 "again to resume it.")
+        raise TrainingError(f"training job {job.id} failed: {error}.{tail}")

@@ -42,10 +42,12 @@ from typing import Callable
 
 from ..trainers.atomic import atomic_write
 from ..trainers.config import TrainConfig
+from ..trainers.history import rewrite_log
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,79}\Z")  # \Z: "$" would accept a trailing newline
 ACTIVE = ("queued", "running")                            # a job in these states holds the worker or waits
 ENDED = ("finished", "stopped", "failed", "interrupted")  # these can be resumed or removed
+BROKEN = "broken"  # a folder whose job.json or config.json cannot be read: listed to be removed or re-queued
 LORA_FOLDER = "rewardtune"  # published LoRAs: <first loras folder>/rewardtune/, listed as rewardtune/<file>
 MAX_QUEUED = 4
 log = logging.getLogger("rewardtune.jobs")
@@ -94,12 +96,13 @@ def checkpoint_step(path: str) -> int:
 
 
 def resume_step(job: "Job") -> tuple[int, str | None]:
-    """(the step a resume of ``job`` starts from, the job's error): its checkpoint's step, 0 without
-    one; an unreadable checkpoint gives 0 and an error that says what to do."""
+    """(the step a resume of ``job`` starts from, what is wrong with its checkpoint): its
+    checkpoint's step and None, 0 and None without one; an unreadable checkpoint gives 0 and an
+    error that says what to do."""
     if not os.path.exists(job.checkpoint):
-        return 0, job.error
+        return 0, None
     try:
-        return checkpoint_step(job.checkpoint), job.error
+        return checkpoint_step(job.checkpoint), None
     except Exception as e:
         log.warning("RewardTune: job %s: cannot read its checkpoint: %s", job.id, e)
         return 0, (f"its checkpoint cannot be read ({type(e).__name__}): delete {job.checkpoint} to train "
@@ -151,11 +154,12 @@ class Job:
         return os.path.join(self.dir, "metrics.jsonl")
 
     def status(self) -> dict:
+        known = self.state != BROKEN  # a broken folder's settings are not known: none are shown
         return {"id": self.id, "name": self.name, "state": self.state, "step": self.step,
-                "steps": self.config.steps, "objective": self.config.objective, "error": self.error,
-                "created": self.created, "updated": self.updated, "last": self.last,
-                "has_checkpoint": os.path.exists(self.checkpoint), "config": json.loads(self.config.to_json()),
-                "preview": self.preview}
+                "steps": self.config.steps if known else 0, "objective": self.config.objective if known else None,
+                "error": self.error, "created": self.created, "updated": self.updated, "last": self.last,
+                "has_checkpoint": os.path.exists(self.checkpoint),
+                "config": json.loads(self.config.to_json()) if known else None, "preview": self.preview}
 
     def save(self) -> None:
         self.updated = time.time()
@@ -195,15 +199,14 @@ class Job:
                         "full disk mid-write); the other lines are kept", self.id, len(torn),
                         ", ".join(map(str, torn[:5])))
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines after ``step``: a resumed run repeats the steps after its checkpoint.
-        Torn lines go too (the next line would be appended to a line without its newline)."""
-        rows, torn = self.read_metrics()
-        self.warn_torn(torn)
-        kept = [r for r in rows if r["step"] <= step]
-        if len(kept) != len(rows) or torn or step == 0:
-            write_text(self.metrics_file, "".join(json.dumps(r) + "\n" for r in kept))
-        self.step, self.last = step, (kept[-1] if kept else {})
+    def restart_metrics(self, history: list[dict]) -> None:
+        """Before a run: metrics.jsonl rewritten as ``history``, the metrics its checkpoint holds
+        (empty without one), as the CLI does (``trainers.history.rewrite_log``). A resumed run
+        repeats the steps after its checkpoint; a torn line (a crash or a full disk mid-append)
+        may be a step only the history still holds, and the next line would be appended to it."""
+        self.warn_torn(self.read_metrics()[1])
+        rewrite_log(self.metrics_file, history)
+        self.step, self.last = (int(history[-1]["step"]), history[-1]) if history else (0, {})
 
     def report(self, metrics: dict) -> None:
         """Called by the run after every optimizer step."""
@@ -229,8 +232,9 @@ class JobManager:
     def _scan(self) -> None:
         """Jobs left on disk by an earlier server: listed; a job that was queued or running when the
         server stopped is marked interrupted (resumable from its checkpoint). A damaged folder (a
-        torn job.json, an unreadable config) is skipped with a warning, alone: it never hides the
-        other jobs, nor stops the server or the pack from starting."""
+        torn job.json, an unreadable config) is listed as ``broken`` with what is wrong and what to
+        do (``_broken``), alone: it never hides the other jobs, nor stops the server or the pack
+        from starting."""
         try:
             names = sorted(os.listdir(self.root))
         except OSError as e:
@@ -243,8 +247,8 @@ class JobManager:
             try:
                 job = self._load(name)
             except Exception as e:  # a damaged job folder must not stop the server from starting
-                log.warning("RewardTune: skipping job folder %s: %s", name, e)
-                continue
+                log.warning("RewardTune: job folder %s is damaged, listed as broken: %s", name, e)
+                job = self._broken(name, e)
             if job is not None:
                 self._jobs[job.id] = job
 
@@ -253,12 +257,18 @@ class JobManager:
         path = os.path.join(folder, "job.json")
         if not JOB_ID.match(name) or not os.path.isfile(path):
             return None
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError("job.json does not hold a JSON object")
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = TrainConfig.from_json(f.read())
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError("it does not hold a JSON object")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"job.json cannot be read ({e})") from e
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                config = TrainConfig.from_json(f.read())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"config.json cannot be read ({e})") from e
         state = data.get("state")
         # api_prompt: job.json files written by earlier versions hold the executed prompt (is_changed: NaN)
         job = Job(name, folder, str(data.get("name", name)), config, str(data.get("fingerprint", "")),
@@ -266,7 +276,8 @@ class JobManager:
                   created=float(data.get("created", time.time())), prompt=api_prompt(data.get("prompt")))
         # the step a resume starts from is the checkpoint's, not the last logged one: a kill
         # between a step's metrics line and its checkpoint leaves the log ahead
-        job.step, job.error = resume_step(job)
+        job.step, problem = resume_step(job)
+        job.error = problem or job.error
         rows, torn = job.read_metrics()
         job.warn_torn(torn)
         done = [r for r in rows if r["step"] <= job.step]
@@ -274,6 +285,22 @@ class JobManager:
         if job.state in ACTIVE:
             job.state = "interrupted"
             job.save()
+        job.done.set()
+        return job
+
+    def _broken(self, name: str, e: Exception) -> Job | None:
+        """A job folder ``_load`` could not read, as a job in state ``broken`` that says what is
+        wrong and what to do: Remove (the folder goes, with its checkpoint), or queue its workflow
+        again, which rewrites its files and resumes from its checkpoint if that can be read."""
+        folder = os.path.join(self.root, name)
+        try:
+            created = os.path.getmtime(folder)
+        except OSError:
+            created = time.time()
+        job = Job(name, folder, name, TrainConfig(), "", state=BROKEN, created=created)
+        job.error = (f"this job's folder is damaged: {e}. It cannot be resumed from the list. Queue its workflow "
+                     "again to rewrite the folder's files and resume from its checkpoint, or Remove it (the folder "
+                     f"{folder} is deleted; copy checkpoint.pt or lora.safetensors out of it first to keep them)")
         job.done.set()
         return job
 
@@ -304,7 +331,7 @@ class JobManager:
             if waiting >= MAX_QUEUED:
                 raise JobError(f"{waiting} training jobs are already waiting: cancel one (Training tab or "
                                f"POST /rewardtune/jobs/<id>/cancel) or wait for them to finish")
-            if job is None:
+            if job is None or job.state == BROKEN:  # a broken folder's files are written anew
                 job = Job(job_id, os.path.join(self.root, job_id), spec.name, spec.config, spec.fingerprint,
                           prompt=api_prompt(spec.prompt))
                 os.makedirs(job.dir, exist_ok=True)
@@ -358,9 +385,11 @@ class JobManager:
             if job.state == "finished":
                 self.publish(job)
         except Exception as e:  # the job fails; the server and the last checkpoint are kept
-            job.state, job.error = "failed", f"{type(e).__name__}: {e}"
             log.error("RewardTune job %s failed:\n%s", job.id, traceback.format_exc())
-            job.step = resume_step(job)[0]  # what a resume starts from, not the last logged step
+            # what a resume starts from, not the last logged step; a checkpoint that cannot be read
+            # is what the job must say (with what to do), as the list says after a restart
+            job.step, problem = resume_step(job)
+            job.state, job.error = "failed", problem or f"{type(e).__name__}: {e}"
         finally:
             job.spec = None  # drop the live models
             job.save()

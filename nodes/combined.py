@@ -6,7 +6,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from ..sampling.combined import HANDOFFS, SWITCH_MODES, CombinedGuider, combined_sample
+from ..sampling.combined import HANDOFFS, SWITCH_MODES, CombinedGuider, check_dynamic_combos, combined_sample
 
 CATEGORY = "RewardTune/sampling"
 
@@ -58,8 +58,11 @@ def _optional_tuned_conds():
     ]
 
 
-def _switch_args(switch_unit: dict, mode: dict) -> dict:
-    """The library's keyword arguments from the two DynamicCombo values."""
+def _switch_args(switch_unit: dict | None, mode: dict | None) -> dict:
+    """The library's keyword arguments from the two DynamicCombo values. ComfyUI leaves out a
+    DynamicCombo whose value is none of its options (an API prompt with a typo), so either may be
+    missing."""
+    check_dynamic_combos(switch_unit=switch_unit, mode=mode)
     unit = switch_unit["switch_unit"]
     return {"switch_step": switch_unit["switch_step"] if unit == "step" else None,
             "switch_fraction": switch_unit["switch_fraction"] if unit == "fraction" else None,
@@ -103,8 +106,8 @@ class CombinedKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, tuned_model, positive, negative, latent_image, seed, steps, switch_unit, cfg_base,
-                cfg_tuned, mode, sampler_name, scheduler, handoff, denoise, tuned_positive=None,
+    def execute(cls, base_model, tuned_model, positive, negative, latent_image, seed, steps, cfg_base, cfg_tuned,
+                sampler_name, scheduler, handoff, denoise, switch_unit=None, mode=None, tuned_positive=None,
                 tuned_negative=None) -> io.NodeOutput:
         callback = latent_preview.prepare_callback(base_model, steps)
         out = combined_sample(
@@ -136,7 +139,7 @@ class CombinedGuiderNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, base_model, tuned_model, positive, negative, switch_unit, cfg_base, cfg_tuned, mode,
+    def execute(cls, base_model, tuned_model, positive, negative, cfg_base, cfg_tuned, switch_unit=None, mode=None,
                 tuned_positive=None, tuned_negative=None) -> io.NodeOutput:
         guider = CombinedGuider(base_model, tuned_model, cfg_base=cfg_base, cfg_tuned=cfg_tuned,
                                 **_switch_args(switch_unit, mode))

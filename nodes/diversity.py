@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 from ..metrics import comfy_embedders, cosine_diversity, vendi_score
 from ..metrics.plot import tradeoff_plot
 from ..rewards import comfy_rewards
-from ..sampling.sweep import parse_points, quality_diversity_sweep
+from ..sampling.sweep import parse_points, parse_prompts, quality_diversity_sweep
 from .rewards import RewardModelType
 
 CATEGORY = "RewardTune/diversity"
@@ -119,7 +119,7 @@ class QualityDiversitySweep(io.ComfyNode):
                 steps, switch_steps, blend_powers, cfg_base, cfg_tuned, sampler_name, scheduler, width, height,
                 embedder=None):
         points = parse_points(switch_steps, blend_powers, steps)
-        texts = comfy_rewards.split_prompts(prompts, True)
+        texts = parse_prompts(prompts)
         encode = lambda t: clip.encode_from_tokens_scheduled(clip.tokenize(t))
         neg = encode(negative)
         conds = [(t, encode(t), neg) for t in texts]

@@ -242,7 +242,8 @@ class TrainRewardLoRA(io.ComfyNode):
                             give_images="set dataset_folder or connect images")
         # a run that will not fit the card is refused here, before a job exists (nothing to lose); the
         # same estimate decides whether the job gets a private UNet copy (config.unet_copy)
-        plan = comfy_training.plan_memory(config, model, vae, reward_model, mode)
+        plan = comfy_training.plan_memory(config, model, vae, reward_model, mode,
+                                          say=lambda text: comfy_training.progress_text(text, cls.hidden.unique_id))
         spec = comfy_training.build_spec(job_name, config, model=model, vae=vae, clip=clip, reward=reward_model,
                                          prompts=prompt_list, images=data, prompt=cls.hidden.prompt,
                                          shared=plan.shared)
@@ -300,6 +301,7 @@ class LoadTrainedLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, job, which, strength):
+        comfy_training.check_strength(strength)  # before the job is looked up: said whatever the job
         manager = get_manager()
         found = manager.get(job.strip()) or next((j for j in manager.jobs() if j.name == job.strip()), None)
         if found is None:

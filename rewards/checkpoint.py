@@ -123,10 +123,52 @@ def _unreadable(path: str, e: Exception) -> RewardModelError:
                             "damaged; download it again")
 
 
+# what torch's weights-only unpickler itself builds tensors and containers with
+_SAFE_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset")
+
+
+def pickled_callables(path: str) -> list[str]:
+    """The Python callables a pickle names (module.name), read from its opcodes without running any
+    (``pickletools``): a legacy pickle file, or the ``data.pkl`` of torch's zip format. Best effort:
+    [] when the file cannot be parsed."""
+    import pickletools
+    import zipfile
+    found, strings = [], []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 * 2 ** 20)
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and ("UNICODE" in op.name or "STRING" in op.name):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - a damaged or truncated pickle: what was read so far
+        pass
+    return found
+
+
+def code_in_pickle(path: str, e: Exception) -> str:
+    """Why a file that ``torch.load(weights_only=True)`` refused is refused: loading it would run
+    code, the callables its pickle names (e.g. ``posix.system``; from torch's message or the
+    pickle's opcodes). torch's own message advises loading it with ``weights_only=False``, which for
+    such a file runs that code: not passed on."""
+    named = re.findall(r"GLOBAL ([\w.]+)", str(e)) or pickled_callables(path)
+    unsafe = list(dict.fromkeys(n for n in named if not n.startswith(_SAFE_GLOBALS)))
+    what = f" (it calls {', '.join(unsafe[:3])})" if unsafe else ""
+    return (f"{path} is refused: loading it would run code stored in the file{what}. A weights file needs no "
+            "code, so RewardTune reads only plain tensors and never runs it. Use the official weights file; if this "
+            "one is your own, save its state dict (or a .safetensors file) from the program that made it")
+
+
 def _unsafe(path: str, e: Exception) -> RewardModelError:
-    return RewardModelError(
-        f"{path} contains pickled objects beyond plain weights, and RewardTune loads weights only "
-        f"with torch.load(weights_only=True). Re-save it as a state dict or safetensors file. ({e})")
+    return RewardModelError(code_in_pickle(path, e))
 
 
 def read_folder_config(path: str) -> dict | None:

@@ -17,7 +17,7 @@ import folder_paths
 from .base import RewardModel
 from .checkpoint import OFFICIAL_FILES, RewardModelError, WEIGHT_SUFFIXES
 from .loader import load_reward_model
-from .preprocess import check_finite_images, check_finite_scores
+from .preprocess import RewardInputError, as_rgb_bchw, check_finite_images, check_finite_scores
 
 FOLDER = "reward_models"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -108,9 +108,23 @@ def load_reward(name: str, reward_type: str = "auto", precision: str = "auto", c
 
 
 def split_prompts(prompt: str, per_line: bool) -> list[str]:
+    """The prompt text as the nodes' prompts: the whole text for every image, or one line per
+    image. Per line, an empty line would shift every later prompt onto the wrong image, so it is
+    refused by number (trailing empty lines excepted: an editor's last newline)."""
     if not per_line:
         return [prompt]
-    return [line.strip() for line in prompt.splitlines() if line.strip()] or [""]
+    lines = [line.strip() for line in prompt.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise RewardInputError("one_prompt_per_line is on but there is no prompt: write one prompt per line, the "
+                               "first line for the first image of the batch, or turn one_prompt_per_line off")
+    empty = [i + 1 for i, line in enumerate(lines) if not line]
+    if empty:
+        raise RewardInputError(f"line {empty[0]} is empty{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}: "
+                               "with one_prompt_per_line each line is the prompt of one image, in batch order; "
+                               "write that image's prompt on it or remove the line")
+    return lines
 
 
 def score_images(handle: RewardHandle, images: torch.Tensor, prompts: list[str],
@@ -145,13 +159,16 @@ def summary(handle: RewardHandle, scores: torch.Tensor, prompts: list[str]) -> s
 
 
 def caption(images: torch.Tensor, scores: torch.Tensor, label: str) -> torch.Tensor:
-    """The images with '<label>: <score>' written in a bar across the top."""
+    """The images, as RGB (grayscale repeated, alpha dropped, as for scoring), with
+    '<label>: <score>' written in a bar across the top."""
+    rgb = as_rgb_bchw(images).movedim(1, -1)  # (B, H, W, 3): also one image without a batch axis
     out = []
-    for img, s in zip(images, scores.tolist()):
-        arr = (img[..., :3].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    for img, s in zip(rgb, scores.tolist()):
+        arr = (img.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
         pil = Image.fromarray(arr)
         draw = ImageDraw.Draw(pil)
-        size = max(10, pil.height // 16)
+        # bounded by the width too: a 300,000 × 1 strip would ask FreeType for an 18,750 px font
+        size = max(10, min(pil.height // 16, pil.width // 8))
         try:
             font = ImageFont.load_default(size=size)
         except TypeError:  # Pillow < 10.1

@@ -9,6 +9,8 @@ to uint8 after resizing (about 1/255 per pixel).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,15 @@ def as_rgb_bchw(images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
         raise RewardInputError(f"expected an image tensor, got {type(images).__name__}")
     if layout not in ("BHWC", "BCHW"):
         raise RewardInputError(f"layout must be 'BHWC' (ComfyUI IMAGE) or 'BCHW', got {layout!r}")
+    given = tuple(images.shape)  # messages quote the shape as it came, not as rearranged here
     if images.ndim == 3:
         images = images.unsqueeze(0)
     if images.ndim != 4:
         raise RewardInputError(
-            f"expected images shaped (batch, height, width, channels), got shape {tuple(images.shape)}")
+            f"expected images shaped (batch, height, width, channels), got shape {given}")
+    if images.numel() == 0:
+        what = "the image batch is empty" if images.shape[0] == 0 else "the images have no pixels"
+        raise RewardInputError(f"{what} (shape {given}): connect a node that outputs at least one image")
     if layout == "BHWC":
         images = images.movedim(-1, 1)
     channels = images.shape[1]
@@ -43,11 +49,10 @@ def as_rgb_bchw(images: torch.Tensor, layout: str = "BHWC") -> torch.Tensor:
     elif channels in (3, 4):
         images = images[:, :3]
     else:
+        axis = "last" if layout == "BHWC" else "second"
         raise RewardInputError(
-            f"images have {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA). "
-            f"Shape {tuple(images.shape)} in {layout} layout.")
-    if images.shape[0] == 0 or images.shape[-1] == 0 or images.shape[-2] == 0:
-        raise RewardInputError(f"empty image batch, shape {tuple(images.shape)}")
+            f"images have {channels} channels; expected 1 (gray), 3 (RGB) or 4 (RGBA). Shape {given}, channels on "
+            f"the {axis} axis ({layout} layout).")
     if not images.is_floating_point():
         images = images.float() / 255.0
     return images
@@ -58,23 +63,34 @@ def _positions(idx: list[int]) -> str:
     return ", ".join(f"#{i}" for i in idx[:8]) + more
 
 
-def check_finite_images(images: torch.Tensor) -> None:
-    """Refuse images with NaN or inf pixels, naming them by batch position. A reward scores them
-    NaN and a NaN sorts first, so a best-of-N would keep the broken image as the best."""
-    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim < 2:
-        return
+# where non-finite pixels come from, and what to do: said by every check of an image input
+NON_FINITE_CAUSE = ("They come from upstream, usually an fp16 overflow in the model or the VAE decode: decode in fp32 "
+                    "(a VAE loaded in fp32, or ComfyUI's --fp32-vae), lower the CFG, or leave those images out of the "
+                    "batch")
+
+
+def non_finite_images(images: torch.Tensor, where: str = "of the batch") -> str | None:
+    """The images of a batch with NaN or inf pixels, by position, as the start of a sentence
+    ("image #1 of the batch has NaN"), or None when every pixel is finite."""
+    if not isinstance(images, torch.Tensor) or not images.is_floating_point() or images.ndim < 2 \
+            or images.numel() == 0:  # nothing to check; as_rgb_bchw says what is wrong with an empty batch
+        return None
     flat = images.detach().reshape(images.shape[0], -1)
     bad = ~torch.isfinite(flat).all(dim=1)
     if not bool(bad.any()):
-        return
+        return None
     idx = bad.nonzero().flatten().tolist()
     kinds = [k for k, has in (("NaN", bool(torch.isnan(flat).any())), ("inf", bool(torch.isinf(flat).any()))) if has]
     one = len(idx) == 1
-    raise RewardInputError(
-        f"image{'' if one else 's'} {_positions(idx)} of the batch ha{'s' if one else 've'} {' and '.join(kinds)} "
-        "(non-finite) pixels: no reward can rank them. They come from upstream, usually an fp16 overflow in the "
-        "model or the VAE decode: decode in fp32 (a VAE loaded in fp32, or ComfyUI's --fp32-vae), lower the CFG, "
-        "or leave those images out of the batch")
+    return f"image{'' if one else 's'} {_positions(idx)} {where} ha{'s' if one else 've'} {' and '.join(kinds)}"
+
+
+def check_finite_images(images: torch.Tensor) -> None:
+    """Refuse images with NaN or inf pixels, naming them by batch position. A reward scores them
+    NaN and a NaN sorts first, so a best-of-N would keep the broken image as the best."""
+    bad = non_finite_images(images)
+    if bad:
+        raise RewardInputError(f"{bad} (non-finite) pixels: no reward can rank them. {NON_FINITE_CAUSE}")
 
 
 def check_finite_scores(scores: torch.Tensor, dtype: torch.dtype) -> None:
@@ -88,10 +104,33 @@ def check_finite_scores(scores: torch.Tensor, dtype: torch.dtype) -> None:
             "to fp32 in Load Reward Model")
 
 
+# Beyond this aspect ratio the resize works on a centre crop of the long side (see resize_center_crop).
+MAX_RESIZE_RATIO = 8
+
+
+def kernel_margin(scale: float) -> int:
+    """Source pixels an antialiased bicubic output pixel reaches past its own footprint, plus one:
+    the kernel spans 2 pixels of the finer grid either side (a = -0.5), i.e. 2·max(1, 1/scale)
+    source pixels when resizing by ``scale``."""
+    return math.ceil(2 * max(1.0, 1.0 / scale)) + 1
+
+
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size`` (bicubic, antialiased), then a centred ``size``² crop (BCHW)."""
+    """Shorter side to ``size`` (bicubic, antialiased), then a centred ``size``² crop (BCHW).
+
+    The work is bounded by the output: an image longer than ``MAX_RESIZE_RATIO`` times its short
+    side is first cut to a centred stretch of that ratio (with the kernel's reach to spare) along
+    its long side, so a 1 × 300,000 strip is not scaled to 224 × 67,200,000 pixels to keep 224².
+    Up to that ratio nothing changes (the torchvision formulas below); beyond it the result is the
+    same crop of the same scaling up to sub-pixel rounding of the crop's offset."""
     h, w = images.shape[-2:]
     short, long = (h, w) if h <= w else (w, h)
+    if long > MAX_RESIZE_RATIO * short:
+        keep = min(long, max(math.ceil(MAX_RESIZE_RATIO * short), short + 2 * kernel_margin(size / short)))
+        start = (long - keep) // 2
+        images = images[..., start:start + keep, :] if h > w else images[..., start:start + keep]
+        h, w = images.shape[-2:]
+        long = keep
     # torchvision: the long side is truncated, not rounded
     new_short, new_long = size, int(size * long / short)
     new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)

@@ -350,6 +350,7 @@ class CombinedGuider(comfy.samplers.CFGGuider):
                  cfg_base: float = 7.5, cfg_tuned: float = 1.0, mode: str = "switch", blend_power: float = 1.0):
         if mode not in SWITCH_MODES:
             raise CombinedSamplingError(f"mode must be one of {SWITCH_MODES} (got {mode!r}).")
+        check_numbers(cfg_base=cfg_base, cfg_tuned=cfg_tuned)
         if mode == "blend" and not (blend_power > 0):
             raise CombinedSamplingError(f"blend power p must be > 0 (got {blend_power}).")
         if switch_step is None and switch_fraction is None:
@@ -509,6 +510,30 @@ def _check_sample_args(sampler_name: str, scheduler: str, mode: str, handoff: st
         raise CombinedSamplingError("the latent batch is empty; connect an Empty Latent Image with batch size ≥ 1.")
 
 
+SWITCH_UNITS = ("step", "fraction")
+
+
+def check_dynamic_combos(switch_unit: dict | None, mode: dict | None) -> None:
+    """The nodes' switch_unit and mode inputs (ComfyUI DynamicCombos, passed as dicts) are present:
+    ComfyUI drops one whose value is not an option, and the node would fail on a missing argument."""
+    for name, value, options in (("switch_unit", switch_unit, SWITCH_UNITS), ("mode", mode, SWITCH_MODES)):
+        if not isinstance(value, dict) or value.get(name) not in options:
+            raise CombinedSamplingError(f"{name} must be one of {', '.join(options)}; the prompt gave none of them "
+                                        f"(a typo in an API prompt, or a workflow from an older version): pick it "
+                                        "on the node")
+
+
+def check_numbers(denoise: float = 1.0, **values: float) -> None:
+    """NaN passes every min/max check (each comparison with it is false), ComfyUI's input
+    validation included: refuse it, and infinity, by name before any work."""
+    if not 0.0 <= denoise <= 1.0:  # false for NaN too
+        raise CombinedSamplingError(f"denoise must be between 0 and 1 (as in KSampler), got {denoise}")
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise CombinedSamplingError(f"{name} must be a number, got {value}: set it on the node (a NaN or an "
+                                        "infinity comes through a converted or linked input)")
+
+
 def _two_passes(base, tuned, positive, negative, tuned_positive, tuned_negative, noise, latent_image, sigmas, k, *,
                 sampler_name, cfg_base, cfg_tuned, mask, callback, disable_pbar, seed):
     """The 'restart' handoff: KSamplerAdvanced(base, 0→k, leftover noise) → KSamplerAdvanced(tuned,
@@ -539,6 +564,7 @@ def combined_sample(base, tuned, positive, negative, latent: dict, *, seed: int,
     Returns a new LATENT dict. ``callback(step, x0, x, total_steps)`` is ComfyUI's preview callback.
     """
     _check_sample_args(sampler_name, scheduler, mode, handoff, latent)
+    check_numbers(cfg_base=cfg_base, cfg_tuned=cfg_tuned, denoise=denoise)
     # the switch against the requested step count, before any work
     k = resolve_switch_step(steps, switch_step, switch_fraction)
     sigmas = ksampler_sigmas(base, steps, sampler_name, scheduler, denoise)

@@ -38,7 +38,7 @@ def parse_points(switch_steps: str, blend_powers: str, steps: int) -> list[Sweep
             except ValueError:
                 raise CombinedSamplingError(f"{item!r} in the {mode} list is not a number; write e.g. '0, 20, 30, 40'") from None
             if mode == "switch":
-                if v != int(v) or not 0 <= v <= steps:
+                if not (math.isfinite(v) and v == int(v) and 0 <= v <= steps):  # "1e400" parses as infinity
                     raise CombinedSamplingError(f"switch step {item} must be a whole number in [0, {steps}]")
             elif not (v > 0 and math.isfinite(v)):
                 raise CombinedSamplingError(f"blend power {item} must be positive")
@@ -46,6 +46,15 @@ def parse_points(switch_steps: str, blend_powers: str, steps: int) -> list[Sweep
     if len(points) < 1:
         raise CombinedSamplingError("give at least one switch step (e.g. '0, 20, 30, 40') or blend power")
     return points
+
+
+def parse_prompts(text: str) -> list[str]:
+    """The sweep's prompts: one per non-empty line (each is swept on its own, so empty lines between
+    them are only layout). None at all is refused: it would sweep the empty prompt."""
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise CombinedSamplingError("the sweep has no prompts: write at least one prompt, one per line")
+    return prompts
 
 
 def quality_diversity_sweep(base, tuned, vae, prompts: list[tuple[str, list, list]], points: list[SweepPoint], *,

@@ -11,6 +11,7 @@ import signal
 import time
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,14 +107,22 @@ def test_a_torn_metrics_line_and_broken_jobs_hide_nothing(restarted):
         assert node in info, f"{node} missing: the pack failed to import\n{srv.log_tail()}"
     listed = {j["id"]: j for j in srv.get("/rewardtune/jobs")["jobs"]}  # 200, or urllib raises
     assert job_id in listed and restarted["bad_ckpt"] in listed, (list(listed), srv.log_tail())
-    assert restarted["bad_json"] not in listed  # skipped with a warning, alone
+    # the torn job.json: listed as broken, saying what is wrong and what to do (it used to vanish
+    # from the list, leaving only a line in the server's log)
+    broken = listed[restarted["bad_json"]]
+    assert broken["state"] == "broken" and broken["steps"] == 0, broken
+    assert "job.json" in broken["error"] and "Remove" in broken["error"] and "queue" in broken["error"].lower(), broken
     log = srv.log_tail(100_000)
-    assert f"skipping job folder {restarted['bad_json']}" in log
+    assert f"job folder {restarted['bad_json']} is damaged" in log
     # the torn line is reported, not silently dropped
     assert any(job_id in line and "torn line" in line and "metrics.jsonl" in line for line in log.splitlines()), log
     # the job's page answers and its metrics are the whole lines only
     st = srv.get(f"/rewardtune/jobs/{job_id}?limit=5000")
     assert [m["step"] for m in st["metrics"]] == list(range(1, restarted["logged"]))
+    # Remove deletes the broken folder like any ended job's
+    assert srv.post(f"/rewardtune/jobs/{restarted['bad_json']}/remove", {})["removed"]
+    assert restarted["bad_json"] not in {j["id"] for j in srv.get("/rewardtune/jobs")["jobs"]}
+    assert not os.path.exists(os.path.join(srv.workdir, "output", "rewardtune", "jobs", restarted["bad_json"]))
 
 
 @pytest.mark.server
@@ -140,6 +149,36 @@ def test_the_list_shows_the_step_a_resume_starts_from(restarted):
     assert st["job"]["state"] == "finished" and st["job"]["step"] == steps, (st["job"], srv.log_tail())
     assert [m["step"] for m in st["metrics"]] == list(range(1, steps + 1))
     assert st["metrics"][:saved] == before[:saved]
+
+
+def test_a_torn_last_line_then_a_resume_keeps_every_step_and_a_broken_checkpoint_says_what_to_do(
+        host, models_tree, reward_tree):
+    """Through the node (mode wait) in the executor: a job ends at its checkpoint's step 3, the
+    last line of its metrics.jsonl is torn (a crash or a full disk mid-append), and queueing it
+    with 5 steps resumes it: the log holds steps 1–5 once, as the checkpoint's history does (the
+    job path kept the whole lines up to the checkpoint's step, losing step 3 for good: [1, 2, 4,
+    5]). Then its checkpoint is damaged and it is queued again: the job fails saying to delete the
+    checkpoint to train again (the hint the list shows), not that "its last checkpoint is kept"."""
+    name = "torn-then-resumed"
+    prompt = train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=3, save_every=3)
+    host.run(prompt)
+    (job,) = [j for j in _manager(host).jobs() if j.name == name]
+    assert job.state == "finished" and job.step == 3
+    data = open(job.metrics_file, "rb").read()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    with open(job.metrics_file, "wb") as f:
+        f.write(data[:start + (len(data) - start) // 2])  # step 3's line, half written
+    host.run(train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=5, save_every=3))
+    logged = [json.loads(line) for line in open(job.metrics_file, encoding="utf-8")]
+    state = torch.load(job.checkpoint, weights_only=True)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5] and logged == json.loads(state["history"])
+
+    with open(job.checkpoint, "wb") as f:
+        f.write(b"PK\x03\x04 not really a zip")
+    err = host.run_expect_error(train_prompt(models_tree, reward_tree, name=name, mode="wait", steps=6, save_every=3))
+    msg = err["exception_message"]
+    assert "delete" in msg and job.checkpoint in msg and "last checkpoint is kept" not in msg, msg
+    assert job.state == "failed" and "delete" in job.error and job.step == 0, (job.state, job.error)
 
 
 TRAVERSAL_IDS = ("..%2F..%2Fx", "..%2F..%2F..%2Fetc%2Fpasswd", "%2E%2E", "%2E%2E%2F%2E%2E%2Fx", "a%2E%2E",
@@ -214,10 +253,202 @@ def test_non_finite_images_get_a_clear_error(host, models_tree, reward_tree):
     assert "non-finite" in host.node_classes["RewardTuneBestOfN"].GET_NODE_INFO_V1()["description"]
 
 
+def _hps_handle(host, reward_tree):
+    return host.node_classes["RewardTuneLoadRewardModel"].execute(
+        reward_tree["files"]["hpsv2"], "auto", "fp32", "(none)").args[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 300_000), (1, 300_000, 1)])
+def test_a_thin_png_scores_without_the_memory_of_its_resize(host, models_tree, reward_tree, shape):
+    """An uploaded 1×W (or H×1) PNG, a few kB, through ComfyUI's Load Image into Reward Score with
+    captions on. The reward preprocessing used to scale the short side to 224 first: 1×300,000
+    became 224×67,200,000 pixels, 180 GB (4096 wide took 4.7 GB). It now crops the part the model
+    sees before resizing, so the work is bounded by the model's input; the caption's font is bounded
+    by the image's width as well as its height."""
+    import folder_paths
+    from PIL import Image
+    _, h, w = shape
+    name = f"rt_thin_{h}x{w}.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+        os.path.join(folder_paths.get_input_directory(), name))
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": name}},
+        "2": {"class_type": "RewardTuneLoadRewardModel",
+              "inputs": {"reward_model": reward_tree["files"]["hpsv2"], "reward_type": "auto", "precision": "fp32",
+                         "aesthetic_clip": "(none)"}},
+        "3": {"class_type": "RewardTuneScoreImages",
+              "inputs": {"reward_model": ["2", 0], "images": ["1", 0], "prompt": "a thin line",
+                         "one_prompt_per_line": False, "batch_size": 8, "caption_images": True}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 2], "filename_prefix": "rt_thin_captioned"}},
+    }
+    t0 = time.perf_counter()
+    out = host.run(prompt)
+    assert time.perf_counter() - t0 < 60
+    text = out["3"]["text"][0]
+    assert "1 image(s)" in text and "nan" not in text.lower(), text
+    saved = out["4"]["images"][0]
+    with Image.open(os.path.join(folder_paths.get_output_directory(), saved["subfolder"], saved["filename"])) as im:
+        assert im.size == (w, h) and im.mode == "RGB"
+
+
+CHANNEL_CASES = {"gray": (2, 32, 32, 1), "gray+alpha": (2, 32, 32, 2), "one HWC image": (32, 32, 3)}
+
+
+@pytest.mark.parametrize("case", CHANNEL_CASES)
+def test_score_captions_grayscale_and_single_images(host, reward_tree, case):
+    """Reward Score's captions on the images the scoring accepts: grayscale (1 channel) and
+    gray + alpha (2) are expanded to RGB, as the docs promise, and one image without a batch
+    axis is a batch of one (the captions used to crash in PIL on all three)."""
+    handle = _hps_handle(host, reward_tree)
+    images = torch.rand(CHANNEL_CASES[case], generator=torch.Generator().manual_seed(1))
+    node = host.node_classes["RewardTuneScoreImages"]
+    out = node.execute(handle, images, "a", False, 8, True).args
+    plain = node.execute(handle, images, "a", False, 8, False).args
+    assert out[0] == plain[0]  # the same scores with captions on
+    batch = images if images.ndim == 4 else images[None]
+    assert out[2].shape == (*batch.shape[:3], 3)
+    rgb = batch[..., :1].expand(-1, -1, -1, 3) if batch.shape[-1] < 3 else batch
+    # below the caption bar: the image, in RGB (through 8 bits); the bar: not the image
+    assert torch.allclose(out[2][:, 24:], rgb[:, 24:], atol=0.5 / 255 + 1e-6)
+    assert not torch.allclose(out[2][:, :8], rgb[:, :8], atol=0.1)
+
+
+BAD_SCORE_INPUT = {
+    # case: (images, prompt, one_prompt_per_line, what the message must say, what it must not)
+    "empty batch": ((0, 32, 32, 3), "a", False, ["empty", "(0, 32, 32, 3)", "at least one image"], ["reshape"]),
+    "5 channels": ((1, 8, 8, 5), "a", False, ["5 channels", "(1, 8, 8, 5)"], ["(1, 5, 8, 8)"]),
+    "a blank line": ((3, 8, 8, 3), "a cat\n\na dog\nan owl", True, ["line 2 is empty", "one_prompt_per_line"], []),
+    "only whitespace": ((2, 8, 8, 3), " \n\t\n", True, ["no prompt", "one_prompt_per_line"], []),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SCORE_INPUT)
+def test_bad_images_and_prompts_into_score_and_best_of_n_say_what_is_wrong(host, reward_tree, case):
+    shape, prompt, per_line, says, never = BAD_SCORE_INPUT[case]
+    handle = _hps_handle(host, reward_tree)
+    for node, last in (("RewardTuneScoreImages", True), ("RewardTuneBestOfN", 1)):
+        with pytest.raises(Exception) as info:
+            host.node_classes[node].execute(handle, torch.rand(shape), prompt, per_line, 8, last)
+        msg = str(info.value)
+        assert all(s in msg for s in says) and not any(s in msg for s in never), (node, msg)
+
+
+def _combined_prompt(models_tree, **inputs):
+    from rewardtune.testing.workflow import combined_switch_inputs
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": models_tree["sd15"]}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red apple", "clip": ["1", 1]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "RewardTuneCombinedKSampler",
+              "inputs": {"base_model": ["1", 0], "tuned_model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0],
+                         "latent_image": ["4", 0], "seed": 0, "steps": 4, "cfg_base": 2.0, "cfg_tuned": 1.0,
+                         "sampler_name": "euler", "scheduler": "normal", "handoff": "continuous", "denoise": 1.0,
+                         **combined_switch_inputs(switch_step=2), **inputs}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "rt_combined_bad"}},
+    }
+
+
+NOT_A_SETTING = {
+    # case: (prompt builder, what the message must say, what it must not)
+    "denoise NaN": (lambda m: _combined_prompt(m, denoise=float("nan")), ["denoise", "between 0 and 1"],
+                    ["cannot convert"]),
+    "cfg NaN": (lambda m: _combined_prompt(m, cfg_tuned=float("nan")), ["cfg_tuned", "a number"], []),
+    "unknown switch_unit": (lambda m: _combined_prompt(m, switch_unit="percent"), ["switch_unit", "step", "fraction"],
+                            ["positional argument"]),
+    "unknown mode": (lambda m: _combined_prompt(m, mode="average"), ["mode", "switch", "blend"],
+                     ["positional argument"]),
+    "LoRA strength NaN": (lambda m: {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": m["sd15"]}},
+        "2": {"class_type": "RewardTuneLoadTrainedLoRA",
+              "inputs": {"model": ["1", 0], "job": "no-such-job", "which": "newest", "strength": float("nan")}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 2]}}}, ["strength", "finite"], ["no training job"]),
+}
+
+
+@pytest.mark.parametrize("case", NOT_A_SETTING)
+def test_sampler_and_lora_settings_that_are_not_numbers_say_so(host, models_tree, case):
+    """NaN and inf pass ComfyUI's min/max checks (every comparison with NaN is false), and an
+    unknown DynamicCombo option drops the input altogether: each is refused by the node by name
+    (the Combined KSampler said "cannot convert float NaN to integer" or "missing 1 required
+    positional argument"; a NaN CFG sampled NaN latents; Load Trained LoRA applied a NaN strength)."""
+    build, says, never = NOT_A_SETTING[case]
+    err = host.run_expect_error(build(models_tree))
+    assert "exception_message" in err, err
+    msg = err["exception_message"]
+    assert all(s in msg for s in says) and not any(s in msg for s in never), msg
+
+
 def _train_error(host, models_tree, reward_tree, **kw) -> str:
     err = host.run_expect_error(train_prompt(models_tree, reward_tree, name="paths", steps=2, save_every=1, **kw))
     assert err.get("node_type") == "RewardTuneTrainLoRA", err
     return err["exception_message"]
+
+
+def _manager(host):
+    """The job manager of the pack as ComfyUI loaded it in this process (its own module copy)."""
+    import sys
+    return sys.modules[host.node_classes["RewardTuneTrainLoRA"].__module__].get_manager()
+
+
+def _progress_texts(host) -> list[str]:
+    """The progress texts (ComfyUI's binary TEXT messages) sent since the last call."""
+    import asyncio
+    import struct
+    host.loop.run_until_complete(asyncio.sleep(0))  # deliver what send_sync scheduled from the node
+    texts = []
+    while not host.server.messages.empty():
+        event, data, _ = host.server.messages.get_nowait()
+        if isinstance(data, (bytes, bytearray)) and event == 3:  # BinaryEventTypes.TEXT
+            n = struct.unpack(">I", data[:4])[0]
+            texts.append(bytes(data[4 + n:]).decode("utf-8"))
+    return texts
+
+
+REFUSED_UP_FRONT = {
+    # case: (train_prompt settings, what the message must say, what it must not)
+    "budget 1e308": ({"config_json": json.dumps({**SMALL, "memory_budget_gb": 1e308})},
+                     ["memory_budget_gb", "at most"], ["infinity"]),
+    "rank 1e8": ({"config_json": json.dumps({**SMALL, "rank": 100_000_000})},
+                 ["rank 100000000", "at most 320", "attn1.to_k (320 × 320)"], []),
+    "NaN images": ({"objective": "imagerefl", "prompts": "", "nan_images": True},
+                   ["image #1", "NaN", "training images"], ["learning rate", "#0", "#2"]),
+    "deep config_json": ({"config_json": "[" * 100_000 + "]" * 100_000}, ["config_json", "nested"], ["recursion"]),
+    "NUL in dataset_folder": ({"objective": "imagerefl", "prompts": "", "dataset_folder": "my\x00set"},
+                              ["dataset folder", "NUL"], ["embedded null byte"]),
+    "over the budget": ({"config_json": json.dumps({**SMALL, "memory_budget_gb": 0.001})}, ["will not fit"], []),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_UP_FRONT)
+def test_the_trainer_node_refuses_bad_input_before_a_job_exists(host, models_tree, reward_tree, case):
+    """Input a run cannot honour is refused by the node with a message that names it, before a job
+    is created: nothing fails later in the list, with the wrong cause (NaN training pixels used to
+    start a job that failed with "the ImageReFL loss is nan … lower the learning rate"), or as a
+    traceback ("cannot convert float infinity to integer", "maximum recursion depth", "embedded
+    null byte", a 1.28 TB allocation for the LoRA)."""
+    settings, says, never = REFUSED_UP_FRONT[case]
+    settings = dict(settings)
+    name = "refused-" + "".join(c if c.isalnum() else "-" for c in case)
+    nan = settings.pop("nan_images", False)
+    prompt = train_prompt(models_tree, reward_tree, name=name, steps=2, save_every=1, **settings)
+    if nan:
+        import folder_paths
+        latent = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        latent[1] = float("nan")
+        _write_latent(os.path.join(folder_paths.get_input_directory(), "rt_nan_train.latent"), latent)
+        prompt["10"] = {"class_type": "LoadLatent", "inputs": {"latent": "rt_nan_train.latent"}}
+        prompt["11"] = {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}}
+        prompt["3"]["inputs"].update(images=["11", 0], captions="a square")
+    _progress_texts(host)
+    err = host.run_expect_error(prompt)
+    assert err.get("node_type") == "RewardTuneTrainLoRA", err
+    msg = err["exception_message"]
+    assert all(s in msg for s in says) and not any(s in msg for s in never), msg
+    assert name not in {j.name for j in _manager(host).jobs()}  # no job, so none failed in the list
+    if case == "over the budget":  # the estimate runs for a while: the node says so meanwhile
+        assert any("estimating" in t for t in _progress_texts(host))
 
 
 def test_dataset_and_prompt_paths_stay_in_the_input_folder(host, models_tree, reward_tree, tmp_path, monkeypatch):

@@ -138,6 +138,13 @@ def test_sweep_bad_input(host, models_tree, reward_tree):
     err = host.run_expect_error(sweep_prompt(models_tree, reward_tree["files"]["pickscore"], switch_steps="",
                                              blend_powers=""))
     assert "at least one switch step" in err["exception_message"]
+    # a number too large for a float, empty prompt lists: said, not "cannot convert float infinity to integer"
+    # or a sweep of the empty prompt
+    err = host.run_expect_error(sweep_prompt(models_tree, reward_tree["files"]["pickscore"], switch_steps="0, 1e400"))
+    assert "1e400" in err["exception_message"] and "whole number in [0, 4]" in err["exception_message"], err
+    for prompts in ("", "  \n\t\n "):
+        err = host.run_expect_error(sweep_prompt(models_tree, reward_tree["files"]["pickscore"], prompts=prompts))
+        assert "no prompts" in err["exception_message"] and "one per line" in err["exception_message"], err
 
 
 @pytest.mark.server

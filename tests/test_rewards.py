@@ -184,6 +184,35 @@ def test_training_reward_applies_scale_and_offset(reward_tree):
     assert torch.allclose(model.training_reward(x, "a"), 0.1 * (model.score(x, "a") - 20.0))
 
 
+# ------------------------------------------------------------------------------ preprocessing
+def test_resize_is_torchvisions_and_its_work_is_bounded_by_the_output():
+    """Up to 8:1 the crop is torchvision's Resize(224, bicubic, antialias) + CenterCrop(224) on
+    tensors, exactly; beyond it the long side is cut to a centred 8:1 stretch first, so the same
+    region comes out (a smooth image within 5e-3: the crop's offset rounds differently) and a
+    1 × 300,000 strip costs what a 1 × 8 one does instead of a 224 × 67,200,000 resize (180 GB)."""
+    import time
+    import torch.nn.functional as F
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    from rewardtune.rewards.preprocess import resize_center_crop
+
+    def torchvision(x):
+        x = TF.resize(x, 224, interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)
+        return TF.center_crop(x, 224)
+    gen = torch.Generator().manual_seed(0)
+    for h, w in ((256, 320), (100, 800), (800, 100), (30, 31), (500, 300)):
+        x = torch.rand(1, 3, h, w, generator=gen)
+        assert torch.equal(resize_center_crop(x, 224), torchvision(x)), (h, w)
+    for h, w in ((12, 400), (400, 12), (37, 1001), (300, 2900), (1, 50)):
+        smooth = F.interpolate(torch.rand(1, 3, 4, 4, generator=gen), size=(h, w), mode="bilinear")
+        out = resize_center_crop(smooth, 224)
+        assert out.shape == (1, 3, 224, 224) and (out - torchvision(smooth)).abs().max() < 5e-3, (h, w)
+    for shape in ((1, 3, 1, 300_000), (1, 3, 300_000, 1)):
+        t0 = time.perf_counter()
+        assert resize_center_crop(torch.rand(shape), 224).shape == (1, 3, 224, 224)
+        assert time.perf_counter() - t0 < 2.0
+
+
 # -------------------------------------------------------------------------------- bad input
 def test_grayscale_rgba_and_channels_first(reward_tree):
     model = _load(reward_tree, "pickscore")
@@ -233,8 +262,13 @@ def test_refuses_pickles_that_run_code(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"layers.0.weight": Payload()}, f)
-    with pytest.raises(RewardModelError, match="weights_only"):
+    with pytest.raises(RewardModelError) as info:
         read_state_dict(str(path))
+    msg = str(info.value)
+    # the file is refused because loading it would run code, naming what it asks for; torch's advice
+    # to load it with weights_only=False is wrong for such a file and is not passed on
+    assert "refused" in msg and "would run code" in msg and "system" in msg, msg
+    assert "weights_only" not in msg and "Re-running" not in msg, msg
 
 
 def test_type_mismatch_and_missing_clip(reward_tree):

@@ -200,6 +200,34 @@ def test_fit_to_bucket_centre_crop_and_content():
     assert out.shape == (15, 15, 3) and out[3:12].min() > 0.95
 
 
+def test_fit_to_bucket_work_is_bounded_by_the_bucket():
+    """A strip far longer than its bucket is cut to the part the crop keeps (8× it) before the
+    resize: 1 × 1,000,000 into 64 × 128 used to be scaled to 64 × 64,000,000 (49 GB) to keep 64 × 128.
+    Where the whole resize can run, the result is the same (a smooth image within 5e-3); an image
+    within 8× its bucket is resized as before (the tests above)."""
+    import time
+    import torch.nn.functional as F
+
+    def whole(image, size):  # cover-resize the whole image, then crop (what fit_to_bucket did)
+        th, tw = size
+        h, w = image.shape[:2]
+        scale = max(th / h, tw / w)
+        nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        x = F.interpolate(image.movedim(-1, 0)[None], size=(nh, nw), mode="bicubic", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        top, left = (nh - th) // 2, (nw - tw) // 2
+        return x[0, :, top:top + th, left:left + tw].movedim(0, -1)
+    gen = torch.Generator().manual_seed(0)
+    for (h, w), size in (((4, 2000), (64, 128)), ((3000, 40), (128, 64)), ((700, 9000), (64, 64))):
+        smooth = F.interpolate(torch.rand(1, 3, 5, 5, generator=gen), size=(h, w), mode="bilinear")[0].movedim(0, -1)
+        out = fit_to_bucket(smooth, size)
+        assert out.shape == (*size, 3) and (out - whole(smooth, size)).abs().max() < 5e-3, (h, w)
+    t0 = time.perf_counter()
+    for shape, size in (((1, 1_000_000, 3), (64, 128)), ((1_000_000, 1, 3), (128, 64))):
+        assert fit_to_bucket(torch.rand(shape), size).shape == (*size, 3)
+    assert time.perf_counter() - t0 < 5.0
+
+
 def test_bucket_sizes_examples():
     assert bucket_sizes(64, 64) == [(64, 64)]
     b512 = bucket_sizes(512, 512)

@@ -8,7 +8,8 @@ lists them with what they do). Precedence, lowest first: TrainConfig's defaults 
 < ``--config run.json`` < the options, field by field (the same rule as the node: a preset is the
 starting point, explicit settings win, the most specific one last). A --config file that changes
 fields the preset sets is said on one "note:" line. Ctrl-C stops after
-the current step and saves a checkpoint; ``--resume`` continues it. Nothing in ``--out`` is
+the current step and saves a checkpoint, then exits with status 130 (as a shell reports Ctrl-C; a
+finished run exits 0); ``--resume`` continues it. Nothing in ``--out`` is
 overwritten unless you resume it.
 
 ``--resume`` continues only the same run: the same settings (other than --steps and --save-every)
@@ -41,6 +42,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from .config import ConfigError, TrainConfig, resume_differences, settings_from_json
 from .presets import PRESETS
@@ -145,6 +147,25 @@ def _one_line(text: str) -> str:
 
 
 _interrupted = threading.Event()
+_training = threading.Event()  # set once training starts: errors after that may differ between processes
+
+
+def _refuse(e: Exception) -> int:
+    """Bad input: one "error:" line on stderr, status 2. Under torchrun every process meets the same
+    input before training and refuses it alike, so only rank 0 prints it (not once per process); each
+    also hands it to torchrun's error file, so its failure summary shows the message instead of a
+    link. An error during training is printed by the process that met it."""
+    text = f"error: {_one_line(e)}"
+    if os.environ.get("RANK", "0") == "0" or _training.is_set():
+        print(text, file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")  # set by torchrun for each process
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                json.dump({"message": text, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
+    return 2
 
 
 def _interrupt_start_up(signum, frame):
@@ -162,6 +183,7 @@ def _check_interrupt() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _interrupted.clear()
+    _training.clear()
     own = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if own else None
     try:
@@ -172,12 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _run(args)
         except (ConfigError, DatasetError) as e:
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            return 2
+            return _refuse(e)
         except Exception as e:  # the library's own errors (imported only once ComfyUI is set up): a message
             if type(e).__name__ in ("TrainingError", "RewardModelError", "RewardInputError"):
-                print(f"error: {_one_line(e)}", file=sys.stderr)
-                return 2
+                return _refuse(e)
             raise
     except KeyboardInterrupt:  # before training starts (then Ctrl-C stops after a step instead)
         print("\ninterrupted before training started: nothing was trained or changed", file=sys.stderr)
@@ -247,7 +267,7 @@ def _check_fingerprint(out: str, identity: dict, resume: bool, write: bool = Tru
     differs). A run of an earlier version has none: it resumes with a warning. Either way the
     fingerprint of these inputs is stored for the next resume (``write``: torchrun's rank 0 only;
     the others only check)."""
-    from .fingerprint import differences, record
+    from .fingerprint import differ, differences, record
     path = os.path.join(out, FINGERPRINT)
     if resume and os.path.exists(path):
         try:
@@ -260,21 +280,14 @@ def _check_fingerprint(out: str, identity: dict, resume: bool, write: bool = Tru
                               "prompts and images") from None
         diff = differences(stored, identity)
         if diff:
-            raise ConfigError(f"--resume: {out} was trained with other inputs: {', '.join(diff)} differ. Give the "
-                              "ones it was started with, or start a new run with another --out")
+            raise ConfigError(f"--resume: {out} was trained with other inputs: {differ(diff)}. Give the ones it was "
+                              "started with, or start a new run with another --out")
     elif resume and write:
         print(f"warning: {out} was started by an older version that stored no fingerprint, so its models, "
               "prompts and images cannot be checked: resuming with the ones given now (recorded from now on)",
               file=sys.stderr, flush=True)
     if write:
         _write_text(path, json.dumps(record(identity), indent=1))
-
-
-def _reset_metrics(out: str, history: list[dict] | None) -> None:
-    """metrics.jsonl as the checkpoint's history (a resume repeats the steps after it; a kill may
-    have torn the last line), or empty for a fresh run (a killed run before its first checkpoint
-    leaves lines that no checkpoint holds)."""
-    _write_text(os.path.join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history or []))
 
 
 def _import_comfy(comfy_dir: str, cpu: bool) -> None:
@@ -308,6 +321,9 @@ def _run(args: argparse.Namespace) -> int:
                           "(autocast to a half type); pass --precision fp32 or leave out --float64")
     comfy_dir = find_comfyui(args.comfyui)
     from .data import load_examples, parse_prompts
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"--out {args.out} is a file: give the path of a folder for the run (created if it does "
+                          "not exist), e.g. runs/hps")
     ckpt = os.path.join(args.out, "checkpoint.pt")
     resume = args.resume or (args.auto_resume and os.path.exists(ckpt))
     if os.path.exists(ckpt) and not resume:
@@ -356,7 +372,8 @@ def _check_memory(config, model, vae, reward_model, world) -> str:
     if world.is_main:
         try:
             result[0] = memory.check_budget(config, model, vae, reward_model,
-                                            where="--memory-budget-gb, or --skip-memory-check")[0]
+                                            where="--memory-budget-gb, or --skip-memory-check",
+                                            on_estimate=lambda text: print(f"memory: {text}", flush=True))[0]
         except ConfigError as e:
             result[1] = str(e)
     if world.distributed:
@@ -371,6 +388,7 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     _import_comfy(comfy_dir, args.cpu)
     from .engine import reward_from_model, train
     from .fingerprint import run_identity
+    from .history import checkpoint_history, rewrite_log
     _check_interrupt()
     saved = _saved_checkpoint(ckpt, config, args.out, world) if resume else None
 
@@ -378,6 +396,8 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     from ..rewards import load_reward_model
     _check_interrupt()
     model, clip, vae = _load_models(args)
+    from .lora import check_rank
+    check_rank(model.model.diffusion_model, config.rank, config.targets)  # before a budget estimate builds the LoRA
     _check_interrupt()
     reward_model = load_reward_model(args.reward, args.reward_type, clip_vision_path=args.aesthetic_clip,
                                      device=mm.get_torch_device(), dtype=_load_dtype(args) or torch.float32)
@@ -393,6 +413,7 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
 
     # from here on Ctrl-C stops after the current step and saves: nothing below is left half-done
     _check_interrupt()
+    _training.set()
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step …", flush=True), stop.set()))
     if main:
@@ -400,7 +421,10 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     _check_fingerprint(args.out, identity, resume, write=main)
     if main:
         _write_text(os.path.join(args.out, "config.json"), config.to_json())
-        _reset_metrics(args.out, json.loads(saved["history"]) if saved is not None else None)
+        # the checkpoint's history (a resume repeats the steps after it; a kill may have torn the last
+        # line), or empty for a fresh run (a run killed before its first checkpoint leaves lines no
+        # checkpoint holds): the jobs do the same
+        rewrite_log(os.path.join(args.out, "metrics.jsonl"), checkpoint_history(saved))
     metrics_file = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8") if main \
         else contextlib.nullcontext()
     exit_at = _test_exit_step(world)
@@ -438,4 +462,5 @@ def _train(args, config, comfy_dir, ckpt, resume, prompts, images, world) -> int
     if main:
         state = "stopped at" if result.stopped else "finished"
         print(f"{state} step {result.step}: LoRA {result.lora_path}, checkpoint {ckpt}")
-    return 0
+    # stopped by Ctrl-C: the shell's status for it, so a script can tell it from a finished run
+    return INTERRUPTED if result.stopped else 0

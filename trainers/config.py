@@ -29,6 +29,7 @@ OBJECTIVES = ("refl", "imagerefl", "sqdf")
 KL_MODES = ("per_dim", "exact")
 PRECISIONS = ("fp32", "bf16", "fp16")
 UNET_COPIES = ("auto", "private", "shared")
+MAX_MEMORY_BUDGET_GB = 2 ** 20  # 1 PiB: far beyond any device, and finite in bytes (1e308 GiB is not)
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,8 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "largest gradient norm (clipped above it); 0 = no clipping")
     seed: int = setting(0, "seeds every random draw of the run: LoRA init, noise, timesteps, batches")
     # LoRA on the attention projections of the UNet
-    rank: int = setting(8, "LoRA rank: the inner size of each low-rank update")
+    rank: int = setting(8, "LoRA rank: the inner size of each low-rank update (at most the smallest adapted "
+                           "layer's min(in, out), e.g. 320 on SD1.5)")
     alpha: float = setting(8.0, "LoRA alpha (the update is scaled by alpha / rank)")
     targets: list[str] = setting(["to_q", "to_k", "to_v", "to_out.0"],
                                  "endings of the diffusion model's linear layer names that get a LoRA; \"auto\": "
@@ -103,7 +105,7 @@ class TrainConfig:
                                                "whole batch's (same gradients; the decoder runs three times)")
     memory_budget_gb: float = setting(0.0, "device memory (GiB) the run must fit: the trainer node estimates a "
                                            "step's peak and refuses a run above it before it starts; 0 = the "
-                                           "GPU's own memory (no check on the CPU)")
+                                           "GPU's own memory (no check on the CPU); at most 1048576 (1 PiB)")
     unet_copy: str = setting("auto", "trainer node: what a job trains on. private: its own copy of the UNet (one "
                                      "more UNet in device memory; other prompts may sample the model meanwhile); "
                                      "shared: the graph's own UNet, with the LoRA taken off again when the job ends "
@@ -197,8 +199,9 @@ class TrainConfig:
                      f"{name} must be a whole number ≥ 1, got {getattr(self, name)!r}")
             need(self.sqdf_buffer >= self.sqdf_collect,
                  f"the replay buffer ({self.sqdf_buffer}) must hold at least one step's trajectories ({self.sqdf_collect})")
-        need(self.memory_budget_gb >= 0,
-             f"memory_budget_gb must be ≥ 0 (0 = the GPU's own memory), got {self.memory_budget_gb!r}")
+        need(0 <= self.memory_budget_gb <= MAX_MEMORY_BUDGET_GB,
+             f"memory_budget_gb must be ≥ 0 (0 = the GPU's own memory) and at most {MAX_MEMORY_BUDGET_GB} (1 PiB), "
+             f"got {self.memory_budget_gb!r}: give the device's memory in GiB, e.g. 24")
         need(self.unet_copy in UNET_COPIES,
              f"unet_copy must be one of {', '.join(UNET_COPIES)} (auto: decided from the memory budget), "
              f"got {self.unet_copy!r}")
@@ -282,6 +285,9 @@ def settings_from_json(text: str, where: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}): "
                           f"write it like {EXAMPLE}") from None
+    except RecursionError:  # Python's parser recurses per level: [[[[…]]]] 100,000 deep exhausts it
+        raise ConfigError(f"{where} is nested too deeply to read: settings are one flat JSON object like "
+                          f"{EXAMPLE}") from None
     if not isinstance(data, dict):
         kind = _JSON_KINDS.get(type(data), type(data).__name__)
         raise ConfigError(f"{where} must be a JSON object of settings like {EXAMPLE}, not {kind}: write setting "

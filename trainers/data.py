@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from ..rewards.preprocess import MAX_RESIZE_RATIO, NON_FINITE_CAUSE, kernel_margin, non_finite_images
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _AREA_TOLERANCE = 0.15  # a bucket's pixel count may differ this much from width*height
 
@@ -47,10 +49,18 @@ def _inside(real: str, roots: Sequence[str]) -> bool:
     return False
 
 
+def check_no_nul(path, what: str) -> None:
+    """No file or folder name holds a NUL character; os.path would refuse one with "embedded null byte"."""
+    if "\0" in str(path):
+        raise DatasetError(f"{what} {str(path).strip()!r} contains a NUL character (\\x00), which no file or folder "
+                           "name can hold: type the path again (a pasted path can carry control characters)")
+
+
 def confine(path: str, roots: Sequence[str], what: str) -> str:
     """``path`` resolved (``..`` and symlinks included; a relative path starts in ``roots[0]``) if it
     lies inside one of ``roots``. Otherwise one refusal, decided before anything is read and worded
     the same whether the path exists or not, so it tells nothing about the disk."""
+    check_no_nul(path, what)
     p = os.path.expanduser(str(path).strip())
     real = os.path.realpath(p if os.path.isabs(p) else os.path.join(roots[0], p))
     if _inside(real, roots):
@@ -80,6 +90,7 @@ def read_image_folder(folder: str, roots: Sequence[str] | None = None) -> list[t
     """(image_path, caption) pairs for every image in ``folder`` (not recursive, sorted by name),
     each captioned by the .txt file of the same name. With ``roots`` (the server: ``allowed_roots``)
     the folder, and every file read from it, must lie inside one of them (``confine``)."""
+    check_no_nul(folder, "dataset folder")
     folder = confine(folder, roots, "dataset folder") if roots else os.path.expanduser(str(folder))
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
@@ -153,12 +164,24 @@ def _closest_bucket(h: int, w: int, buckets: Sequence[tuple[int, int]]) -> tuple
 
 
 def fit_to_bucket(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Resize (antialiased bicubic) to cover ``size`` = (h, w), then centre-crop to it. HWC -> HWC."""
+    """Resize (antialiased bicubic) to cover ``size`` = (h, w), then centre-crop to it. HWC -> HWC.
+
+    The work is bounded by ``size``: along an axis where the image holds more than
+    ``MAX_RESIZE_RATIO`` times what the crop shows (a 1 × 1,000,000 strip into a 64 × 128 bucket
+    would otherwise be scaled to 64 × 64,000,000), it is first cut to a centred stretch of that
+    many times, with the kernel's reach to spare, at the same scale. Other images are resized as
+    they are."""
     th, tw = size
     h, w = image.shape[:2]
     scale = max(th / h, tw / w)
-    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     x = image.movedim(-1, 0)[None].float()
+    for axis, n, target in ((2, h, th), (3, w, tw)):
+        shown = target / scale  # source pixels the crop keeps along this axis
+        keep = max(math.ceil(MAX_RESIZE_RATIO * shown), math.ceil(shown) + 2 * kernel_margin(scale))
+        if n > keep:
+            x = x.narrow(axis, (n - keep) // 2, keep)
+    h, w = x.shape[-2:]
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
     top, left = (nh - th) // 2, (nw - tw) // 2
@@ -194,6 +217,9 @@ def examples_from_graph(images: torch.Tensor, captions, width: int, height: int,
         shape = None if images is None else tuple(images.shape)
         raise DatasetError(f"the image input is empty or not an IMAGE batch (shape {shape}): "
                            "connect at least one image")
+    bad = non_finite_images(images, "of the training images")
+    if bad:  # refused here, before a job exists: a run on them fails at once with a NaN loss
+        raise DatasetError(f"{bad} (non-finite) pixels: nothing can be trained on them. {NON_FINITE_CAUSE}")
     captions = [captions] if isinstance(captions, str) else list(captions)
     b = images.shape[0]
     if len(captions) not in (1, b):
@@ -216,6 +242,7 @@ def parse_prompts(text_or_path: str, roots: Sequence[str] | None = None) -> list
     text, where = str(text_or_path), "the prompt text"
     candidate = os.path.expanduser(text.strip())
     if "\n" not in candidate and candidate.lower().endswith(".txt"):
+        check_no_nul(candidate, "prompt file")
         if roots:
             candidate = confine(candidate, roots, "prompt file")
         if not os.path.isfile(candidate):  # a one-line prompt ending in .txt is surely a mistyped path

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -37,7 +38,7 @@ import comfy.samplers
 
 from .config import TrainConfig
 from .data import BatchSampler, Example
-from .atomic import atomic_write
+from .atomic import DiskFullError, atomic_write
 from .checkpointing import checkpointed_decode, gradient_checkpointing
 from . import distributed
 from .distributed import World
@@ -128,7 +129,13 @@ def save_checkpoint(path: str, step: int, lora: LoraSet, optimizer, gen: torch.G
         state["replay"] = replay.state_dict()
     if world_size > 1:
         state["world_size"] = world_size
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp):
+        # through a Python file object: a full disk then raises ENOSPC, which atomic_write names
+        # (torch.save to a path writes in C++ and says only "inline_container.cc … unexpected pos")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:
@@ -137,6 +144,9 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     without "format_version" (written before the field existed) is read as format 1."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # not torch's advice to load it with weights_only=False
+        from ..rewards.checkpoint import code_in_pickle
+        raise TrainingError(code_in_pickle(path, e)) from e
     except Exception as e:
         raise TrainingError(f"cannot read the checkpoint {path}: {e}") from e
     if not isinstance(state, dict):
@@ -188,6 +198,7 @@ class _Run:
     consistency: sqdf.ConsistencyModel | None
     checkpoint_path: str | None
     step: int = 0
+    saved: int = 0                       # the step of the newest checkpoint on disk (0: none)
     history: list[dict] = field(default_factory=list)
     preview: torch.Tensor | None = None  # the newest decoded training image, for on_checkpoint
     pool: ReplayBuffer | None = None     # SQDF: what this step's micro-batches sample from
@@ -292,6 +303,7 @@ def _restore(run: _Run, state: dict) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.generator.set_state(state["rng"]["generator"])
     run.step, run.history = int(state["step"]), json.loads(state["history"])
+    run.saved = run.step
     if state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])  # a no-op unless fp16
 
@@ -301,8 +313,17 @@ def _save(run: _Run) -> None:
     until it is on disk."""
     if run.checkpoint_path:
         if run.world.is_main:
-            save_checkpoint(run.checkpoint_path, run.step, run.lora, run.optimizer, run.generator, run.config,
-                            run.history, run.scaler, run.replay, world_size=run.world.size)
+            try:
+                save_checkpoint(run.checkpoint_path, run.step, run.lora, run.optimizer, run.generator, run.config,
+                                run.history, run.scaler, run.replay, world_size=run.world.size)
+            except DiskFullError as e:
+                last = (f"the last checkpoint (step {run.saved}) is intact" if run.saved
+                        else "there was no checkpoint before it")
+                raise TrainingError(f"the disk holding {e.folder} is full ({e.free} free): the checkpoint of step "
+                                    f"{run.step} could not be written, and {last}. The run stopped; free some space "
+                                    "there, then resume it (the steps after that checkpoint are trained "
+                                    "again).") from e
+            run.saved = run.step
         distributed.barrier(run.world)
 
 

@@ -18,7 +18,8 @@ from dataclasses import fields
 
 from .config import RESUMABLE_CHANGES, TrainConfig
 
-# the parts, in the order they are hashed, and how a message names each one
+# the parts, in the order they are hashed, and how a message names each one (PLURAL: the labels
+# that take "differ", not "differs", alone)
 PARTS = {
     "config": "the training settings",
     "model": "the model (UNet weights or the patches on it)",
@@ -28,6 +29,7 @@ PARTS = {
     "prompts": "the prompts",
     "images": "the training images or their captions",
 }
+PLURAL = ("config", "prompts", "images")
 
 
 # parameters ComfyUI creates without initialising them when a file lacks them, so their values are
@@ -119,6 +121,12 @@ def record(identity: dict) -> dict:
     return {"fingerprint": fingerprint(identity),
             "parts": {name: hash_parts(identity[name]) for name in PARTS},
             "counts": {"prompts": len(identity["prompts"]), "images": len(identity["images"])}}
+
+
+def differ(labels: list[str]) -> str:
+    """``differences``'s labels as a clause: "the reward model differs", "the VAE, the prompts differ"."""
+    plural = len(labels) > 1 or any(labels[0].startswith(PARTS[name]) for name in PLURAL)
+    return f"{', '.join(labels)} differ{'' if plural else 's'}"
 
 
 def differences(saved: dict, identity: dict) -> list[str]:

@@ -47,6 +47,31 @@ def target_modules(diffusion_model: torch.nn.Module, targets) -> list[tuple[str,
     return [(n, m) for n, m in named if n.endswith(targets)]
 
 
+def _dims(module) -> tuple[int, int]:
+    return module.weight.shape[0], module.weight.shape[1:].numel()
+
+
+def check_rank(diffusion_model: torch.nn.Module, rank: int, targets) -> list[tuple[str, torch.nn.Module]]:
+    """The layers ``targets`` pick (``target_modules``), after checking that ``rank`` fits them: a
+    LoRA update of an out × in weight has rank at most min(out, in), so a larger rank trains nothing
+    more and only costs memory (rank 100,000,000 on SD1.5 asked for 1.28 TB). Refused against the
+    smallest picked layer, naming it and the bound, before any adapter exists: the trainer node and
+    the CLI call it before a run starts, the LoRA set when it is built."""
+    picked = target_modules(diffusion_model, targets)
+    if not picked:
+        raise ConfigError(f"no linear layer of this model matches the LoRA targets {list(targets)}; "
+                          'use ["auto"] for every linear layer of its transformer blocks')
+    name, module = min(picked, key=lambda nm: min(_dims(nm[1])))
+    out_dim, in_dim = _dims(module)
+    bound = min(out_dim, in_dim)
+    if rank > bound:
+        raise ConfigError(f"LoRA rank {rank} is more than the layers it adapts can use: the smallest, {name} "
+                          f"({out_dim} × {in_dim}), takes a rank of at most {bound} (an update of an out × in "
+                          f"weight has rank at most min(out, in); more only costs memory). Set rank to {bound} or "
+                          "less (the papers use 4 to 64)")
+    return picked
+
+
 class LoraSet:
     """LoRA adapters (ComfyUI's own ``LoraDiff``) wrapped around the matching weights of a patcher.
 
@@ -65,7 +90,7 @@ class LoraSet:
             generator = torch.Generator().manual_seed(0)
         self.adapters: dict[str, torch.nn.Module] = {}
         self.modules: dict[str, torch.nn.Module] = {}
-        for name, module in target_modules(patcher.model.diffusion_model, targets):
+        for name, module in check_rank(patcher.model.diffusion_model, rank, targets):
             adapter = new_adapter(module.weight, rank, alpha, generator)
             adapter.lora_up.weight.requires_grad_(True)
             adapter.lora_down.weight.requires_grad_(True)
@@ -74,9 +99,6 @@ class LoraSet:
             patcher.add_weight_wrapper(f"diffusion_model.{name}.weight", adapter)
             self.adapters[name] = adapter
             self.modules[name] = module
-        if not self.adapters:
-            raise ConfigError(f"no linear layer of this model matches the LoRA targets {targets}; "
-                              'use ["auto"] for every linear layer of its transformer blocks')
 
     @contextlib.contextmanager
     def merged(self):

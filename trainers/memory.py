@@ -629,15 +629,18 @@ def estimate_key(model, vae, reward, config: TrainConfig) -> tuple:
             architecture(reward_module), settings)
 
 
-def cached_estimate(model, vae, reward, config: TrainConfig) -> tuple[Estimate, bool]:
+def cached_estimate(model, vae, reward, config: TrainConfig, on_start=None) -> tuple[Estimate, bool]:
     """``estimate`` once per (architecture, memory settings) in this process: (the estimate, whether
     it came from the cache). A real-size estimate takes minutes on the CPU; queueing the same
     models and settings again (more steps, another learning rate or seed, another checkpoint of
-    the same base) costs nothing."""
+    the same base) costs nothing. ``on_start()``: called before an estimate that is not cached, so
+    the caller can say that it waits for one."""
     key = estimate_key(model, vae, reward, config)
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key], True
+    if on_start is not None:
+        on_start()
     est = estimate(model, vae, reward, config)
     with _CACHE_LOCK:
         _CACHE[key] = est
@@ -774,7 +777,11 @@ def device_budget(config: TrainConfig, device) -> tuple[int | None, str]:
     return max(total - mm.extra_reserved_memory(), 0), f"{mm.get_torch_device_name(device)}, {_gib(total)}"
 
 
-def check_budget(config: TrainConfig, model, vae, reward, *, where: str = "config_json") \
+ESTIMATING = ("estimating the training step's memory on the CPU before the run starts (once per model and "
+              "memory settings: seconds for SD1.5, a minute or more for SDXL) …")
+
+
+def check_budget(config: TrainConfig, model, vae, reward, *, where: str = "config_json", on_estimate=None) \
         -> tuple[str, int | None, int | None]:
     """The check the trainer node and the CLI make before a run: the step's peak estimated on fake
     copies of the models (``cached_estimate``: no memory allocated; once per architecture and
@@ -783,7 +790,9 @@ def check_budget(config: TrainConfig, model, vae, reward, *, where: str = "confi
     the peak is None where nothing was estimated, the budget None where there is no budget.
     Raises ConfigError saying what to lower when the step will not fit. A model the estimate
     cannot rebuild is logged and not checked: the training itself must not fail on the estimate.
-    ``where``: how the user sets memory_budget_gb, for the messages."""
+    ``where``: how the user sets memory_budget_gb, for the messages. ``on_estimate(text)``: called
+    with ``ESTIMATING`` before an estimate that is not cached (the node shows it on itself: the queue
+    waits meanwhile)."""
     import logging
     import time
 
@@ -796,7 +805,8 @@ def check_budget(config: TrainConfig, model, vae, reward, *, where: str = "confi
     try:
         # the node body runs under inference_mode; the estimate's step needs autograd (on fake tensors)
         with torch.inference_mode(False), torch.enable_grad():
-            est, cached = cached_estimate(model, vae, reward, config)
+            est, cached = cached_estimate(model, vae, reward, config,
+                                          on_start=(lambda: on_estimate(ESTIMATING)) if on_estimate else None)
     except Exception as e:  # noqa: BLE001 - a model the estimate cannot rebuild must not stop the training
         logging.getLogger("rewardtune").warning("RewardTune: memory estimate failed, not checked", exc_info=True)
         return f"memory: not checked: the estimate failed for this model ({type(e).__name__}: {e})", None, budget

@@ -620,7 +620,8 @@ export const PANEL_CSS = `
 .rt-state-dot { width: 8px; height: 8px; border-radius: 50%; flex: none; background: var(--muted-foreground, #888); }
 .rt-job[data-state="running"] .rt-state-dot { background: var(--primary-background, var(--p-primary-color, #0b8ce9)); }
 .rt-job[data-state="finished"] .rt-state-dot { background: var(--success-background, #00cd72); }
-.rt-job[data-state="failed"] .rt-state-dot { background: var(--destructive-background, #b33a3a); }
+.rt-job[data-state="failed"] .rt-state-dot, .rt-job[data-state="broken"] .rt-state-dot {
+  background: var(--destructive-background, #b33a3a); }
 .rt-job[data-state="stopped"] .rt-state-dot, .rt-job[data-state="interrupted"] .rt-state-dot {
   background: var(--warning-background, #fd9903); }
 .rt-meta { color: var(--muted-foreground, var(--descrip-text, #999)); margin: 4px 0; font-variant-numeric: tabular-nums; }

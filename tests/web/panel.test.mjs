@@ -24,6 +24,10 @@ test("buttons follow the job state; Remove is never offered for a queued or runn
     assert.deepEqual(actionsFor(job({ state, has_checkpoint: false })), ["remove"], state);
   }
   assert.deepEqual(actionsFor(job({ state: "finished" })), ["copy", "remove"]);
+  // a job folder the server cannot read (jobs/manager.py BROKEN): its error says what to do; Remove only
+  const broken = job({ state: "broken", steps: 0, objective: null, config: null, error: "job.json cannot be read" });
+  assert.deepEqual(actionsFor(broken), ["remove"]);
+  assert.equal(jobView(broken).error, "job.json cannot be read");
   assert.equal(loraName(job()), "rewardtune/run-abc123.safetensors");
   assert.equal(jobView(job({ state: "finished" })).lora, "rewardtune/run-abc123.safetensors");
   assert.equal(jobView(job()).lora, null);
