@@ -118,3 +118,16 @@ def vitl14_clip_vision(reward_tree):
     name = "rt_vitl14_full.safetensors"
     rf.write_clip_vitl14_vision(os.path.join(reward_tree["clip_dir"], name), seed=21)
     return {"name": name, "path": os.path.join(reward_tree["clip_dir"], name)}
+
+
+# ------------------------------------------------------------------------------ the toy world
+@pytest.fixture(scope="session")
+def toy_world(host, models_tree):
+    """The toy world (docs/toyworld.md) written from the committed weights into the cache (seconds,
+    once per machine), linked into the session's models tree, loaded by ComfyUI's checkpoint
+    loader and the pack's reward loader. allow_build=False: a test never trains it for 15 minutes;
+    a changed recipe or training code without rebuilt, committed weights fails with what to do."""
+    from rewardtune.toyworld import world as W
+    folder = W.ensure_world(allow_build=False)
+    names = W.link_models(folder, models_tree["root"])
+    return {"folder": folder, **names, "world": W.load(folder)}
