@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # README command 2: set up from nothing (pack venv + test-only oracle venvs), then run the whole
 # test suite against a real ComfyUI.
-# Arguments go to pytest. Fails on any failure and on zero tests collected (pytest exit 5).
+#   bash scripts/test.sh            everything (what CI runs: .ci/run)
+#   bash scripts/test.sh --quick    the quick tier: pytest -m "not slow" (docs/tests.md)
+# Other arguments go to pytest. Fails on any failure and on zero tests collected (pytest exit 5).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-args=("$@")
+QUICK=0
+args=()
+for a in "$@"; do
+  if [ "$a" = "--quick" ]; then QUICK=1; else args+=("$a"); fi
+done
 now_ds() { local t=${EPOCHREALTIME/[.,]/}; echo $((t / 100000)); }  # tenths of a second
 t0=$(now_ds)
 took() { local d=$(( $(now_ds) - t0 )); echo "$((d / 10)).$((d % 10)) s"; }
@@ -80,6 +86,10 @@ done
 echo "[test] set-up done in $(took)" >&2
 
 cd "$ROOT"
+if [ "$QUICK" -eq 1 ]; then
+  args=(-m "not slow" "${args[@]}")
+  echo "[test] quick tier: pytest -m \"not slow\" (the whole suite: bash scripts/test.sh)" >&2
+fi
 set +e
 "$RT_VENV/bin/python" -m pytest "${args[@]}"
 rc=$?
