@@ -13,7 +13,17 @@ import os
 import runpy
 import tempfile
 
-import pytest
+# One torch thread in this process and in every server, CLI run and oracle it starts (they inherit
+# the variable), unless OMP_NUM_THREADS is set already. The models here are tiny, so a second
+# thread buys nothing, and on 2 cores shared with anything else (a server beside the test, another
+# job) torch's threads wait on each other: tests/test_trainer_rng.py's resume test took 30.6 s
+# with two threads and 3.6 s with one (docs/tests.md, "Time").
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACK_ROOT = os.path.dirname(HERE)

@@ -99,6 +99,7 @@ def restarted(models_tree, reward_tree, tmp_path_factory):
         srv2.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_a_torn_metrics_line_and_broken_jobs_hide_nothing(restarted):
     srv, job_id = restarted["srv"], restarted["id"]
@@ -125,6 +126,7 @@ def test_a_torn_metrics_line_and_broken_jobs_hide_nothing(restarted):
     assert not os.path.exists(os.path.join(srv.workdir, "output", "rewardtune", "jobs", restarted["bad_json"]))
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_the_list_shows_the_step_a_resume_starts_from(restarted):
     srv, job_id, saved, steps = restarted["srv"], restarted["id"], restarted["saved"], restarted["steps"]
@@ -151,6 +153,7 @@ def test_the_list_shows_the_step_a_resume_starts_from(restarted):
     assert st["metrics"][:saved] == before[:saved]
 
 
+@pytest.mark.slow
 def test_a_torn_last_line_then_a_resume_keeps_every_step_and_a_broken_checkpoint_says_what_to_do(
         host, models_tree, reward_tree):
     """Through the node (mode wait) in the executor: a job ends at its checkpoint's step 3, the
@@ -185,6 +188,7 @@ TRAVERSAL_IDS = ("..%2F..%2Fx", "..%2F..%2F..%2Fetc%2Fpasswd", "%2E%2E", "%2E%2E
                  "..%5C..%5Cx", "%252E%252E%252Fx", "x%00y", "nope-123", "nope-123%0A", "-leading-dash", "a" * 81)
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_traversal_ids_answer_404_on_every_route(restarted):
     """jobs/routes.py documents it: an id that names no job (unknown, malformed, a traversal

@@ -237,6 +237,7 @@ def panel_job(browser_server, models_tree, reward_tree):
     return new[0]["id"]
 
 
+@pytest.mark.slow
 def test_panel_lists_a_background_job_live_and_cancel_stops_it(ui, browser_server, panel_job, artifacts):
     page, log = ui
     srv, job_id = browser_server, panel_job
@@ -308,6 +309,7 @@ def test_panel_lists_a_background_job_live_and_cancel_stops_it(ui, browser_serve
     check_console(log)
 
 
+@pytest.mark.slow
 def test_resume_from_the_panel_trains_to_the_end_and_copies_the_lora_name(ui, browser_server, panel_job, models_tree):
     page, log = ui
     srv, job_id = browser_server, panel_job
@@ -347,6 +349,7 @@ def test_resume_from_the_panel_trains_to_the_end_and_copies_the_lora_name(ui, br
     check_console(log)
 
 
+@pytest.mark.slow
 def test_remove_from_the_panel_after_a_confirm(ui, browser_server, panel_job):
     page, log = ui
     srv, job_id = browser_server, panel_job
@@ -378,6 +381,7 @@ def test_remove_from_the_panel_after_a_confirm(ui, browser_server, panel_job):
     check_console(log)
 
 
+@pytest.mark.slow
 def test_a_lone_point_is_drawn_as_a_dot(ui):
     """Step 1 of a job: one point, no line to draw (the curve used to stay blank)."""
     page, log = ui
@@ -399,6 +403,7 @@ def test_a_lone_point_is_drawn_as_a_dot(ui):
 
 
 # -------------------------------------------------------------------------------- UI → API rule
+@pytest.mark.slow
 def test_the_frontend_queues_what_the_headless_conversion_builds(ui, browser_server):
     """Each example workflow loaded into the real frontend: ``app.graphToPrompt()`` sends exactly the
     node inputs ``testing/workflow.ui_to_api`` builds (the conversion the demo and the tests use), and
@@ -472,6 +477,7 @@ def open_templates_dialog(page):
     return dialog
 
 
+@pytest.mark.slow
 def test_every_template_opens_from_the_dialog_and_runs_when_queued(ui, browser_server, models_tree, reward_tree,
                                                                     artifacts):
     page, log = ui

@@ -71,6 +71,7 @@ def test_node_is_registered_by_comfyui(host):
     assert "RewardTuneCombinedGuider" in host.node_classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "ddpm"])
 def test_k0_is_tuned_and_kN_is_base(env, sampler):
     for tuned in (env["other"], env["lora"]):
@@ -78,6 +79,7 @@ def test_k0_is_tuned_and_kN_is_base(env, sampler):
         assert_close(combined(env, env["base"], tuned, sampler, N), ksampler(env, env["base"], sampler))
 
 
+@pytest.mark.slow
 def test_same_model_equals_one_ksampler_for_every_sampler_and_k(env):
     """One continuous pass: no re-seeded noise and no restarted history at the switch, for all samplers.
 
@@ -96,6 +98,7 @@ def test_same_model_equals_one_ksampler_for_every_sampler_and_k(env):
     assert not failures, failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpm_2", "ddim"])
 @pytest.mark.parametrize("tuned_name", ["other", "lora"])
 def test_single_step_samplers_equal_the_two_node_chain(env, sampler, tuned_name):
@@ -282,6 +285,7 @@ def step_by_step_reference(env, base, tuned, sampler, k, steps=N, cfg=4.0, seed=
     return ksampler(env, routed, sampler, steps=steps, cfg=cfg, seed=seed, scheduler=scheduler)
 
 
+@pytest.mark.slow
 def test_every_sampler_hands_off_at_the_step_not_the_sigma(env):
     """dpm_2_ancestral, dpmpp_2s_ancestral(_cfg_pp), heun… evaluate the model a second time inside
     step k−1, at or near sigma_k: those calls still belong to the base model."""

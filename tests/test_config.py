@@ -209,6 +209,7 @@ def _node_config(host, prompt) -> TrainConfig:
         return TrainConfig.from_json(f.read())
 
 
+@pytest.mark.slow
 def test_the_node_and_the_cli_build_the_same_config(host, models_tree, reward_tree, tmp_path):
     from test_trainer_node import SMALL, train_prompt
     # 1. custom: every widget given; the CLI gives the same values as options (rank sets alpha in the node)

@@ -178,16 +178,19 @@ def _assert_same_training(one, two, once: str):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-12), (a, b)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_with_twice_the_batch_trains_refl(refl_runs):
     _assert_same_training(*refl_runs, once="stop")
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_with_twice_the_batch_trains_imagerefl(launch, tmp_path):
     launch(tmp_path / "one", *IMAGEREFL, *F64, "--data", launch.data, "--batch-size", "2")
     launch(tmp_path / "two", *IMAGEREFL, *F64, "--data", launch.data, "--batch-size", "1", nproc=2)
     _assert_same_training(tmp_path / "one", tmp_path / "two", once="t_f")
 
 
+@pytest.mark.slow
 def test_a_rank_dying_is_restarted_by_torchrun_and_the_run_resumes_bit_exact(launch, refl_runs, tmp_path):
     """Rank 1 exits hard after step 2 (the documented test hook); torchrun --max-restarts 1 restarts
     both ranks, --auto-resume continues the last checkpoint: each step logged once, and the LoRA and
@@ -219,6 +222,7 @@ def test_a_rank_dying_is_restarted_by_torchrun_and_the_run_resumes_bit_exact(lau
         other.stderr
 
 
+@pytest.mark.slow
 def test_sqdf_a_killed_rank_leaves_a_checkpoint_and_the_buffer_survives_the_resume(launch, tmp_path):
     """SQDF on two ranks (each collects a trajectory a step, gathered into one buffer): rank 1 dies
     after step 2 without restarts — torchrun fails naming rank 1, the checkpoint loads and holds both

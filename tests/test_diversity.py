@@ -59,6 +59,7 @@ finite = st.floats(-10, 10, allow_nan=False, width=32).filter(lambda v: abs(v) >
 @settings(max_examples=60, deadline=None)
 @given(arrays("float32", st.tuples(st.integers(2, 12), st.integers(1, 8)), elements=finite),
        st.floats(0.01, 100), st.randoms(use_true_random=False))
+@pytest.mark.slow
 def test_properties(arr, scale, rnd):
     emb = torch.from_numpy(arr)
     if (emb.norm(dim=1) == 0).any():

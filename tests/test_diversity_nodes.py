@@ -47,6 +47,7 @@ def test_nodes_registered(host):
                 assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
 
 
+@pytest.mark.slow
 def test_sweep_runs_headless(host, models_tree, reward_tree):
     import folder_paths
     outputs = host.run(sweep_prompt(models_tree, reward_tree["files"]["pickscore"]))
@@ -66,6 +67,7 @@ def test_sweep_runs_headless(host, models_tree, reward_tree):
     assert "(Pareto)" in outputs["4"]["text"][0]
 
 
+@pytest.mark.slow
 def test_sweep_row_equals_the_nodes_chained(host, models_tree, reward_tree):
     """A row of the sweep equals Combined KSampler → VAE Decode → Reward Score / Diversity Score
     run as ordinary nodes on the same seed, for a switch point and a blend point."""
@@ -147,6 +149,7 @@ def test_sweep_bad_input(host, models_tree, reward_tree):
         assert "no prompts" in err["exception_message"] and "one per line" in err["exception_message"], err
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_example_workflows_run_over_http(reward_tree, server, models_tree):
     info = server.get("/object_info")
@@ -170,6 +173,7 @@ def test_example_workflows_run_over_http(reward_tree, server, models_tree):
     assert any("1 - mean cosine" in t for t in texts)
 
 
+@pytest.mark.slow
 def test_clip_vision_embedder_equals_file(host, vitl14_clip_vision):
     """Diversity on ComfyUI's own CLIP_VISION equals the same file loaded as an embedder."""
     import torch

@@ -212,6 +212,7 @@ def test_flux_base_with_sd15_tuned_is_refused(host, flow_tree):
 ENDPOINT_SAMPLERS = ("euler", "dpmpp_2m", "euler_ancestral", "heun", "dpmpp_2m_sde", "uni_pc")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_switch_at_0_and_n_equals_ksampler(host, flow_tree, fam):
     env = env_for(host, flow_tree, fam)
@@ -234,6 +235,7 @@ def _samplers():
     return list(comfy.samplers.KSampler.SAMPLERS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_base_equal_to_tuned_is_one_ksampler(host, flow_tree, fam):
     """Two separately loaded copies of the same weights: every call is routed, the result is one

@@ -225,6 +225,7 @@ def _rise_and_fall(host, fam, objective, steps, **kw):
 @pytest.mark.parametrize("fam,objective,steps,lr", [("flux_dev", "refl", 12, 1e-2), ("flux_dev", "imagerefl", 12, 1e-2),
                                                     ("flux_dev", "sqdf", 8, 1e-2), ("sd35", "refl", 12, 1e-2),
                                                     ("zimage", "refl", 8, 2e-2)])
+@pytest.mark.slow
 def test_training_raises_a_held_out_reward_and_the_negated_reward_lowers_it(host, flow_tree, fam, objective, steps, lr):
     """Training on brightness through the real engine raises it on held-out seeds, a held-out prompt
     and a sampler never trained with, by about the measured amount; the same run on −brightness
@@ -271,6 +272,7 @@ def test_lora_targets_auto_and_the_default_on_every_family(host, flow_tree, mode
         assert explicit and explicit == sorted(n for n in linears if n.endswith("qkv")), fam
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fam", ["flux_dev", "sd35", "zimage"])
 def test_saved_lora_loads_through_loraloader_and_reproduces_the_tuned_model(host, flow_tree, fam, caplog):
     """The trained LoRA (diffusion_model.<module>.lora_up/down/alpha) loads through ComfyUI's
@@ -299,6 +301,7 @@ def flow_tree_root(flow_tree):
     return os.path.dirname(os.path.dirname(flow_tree["written"]["flux_dev"].path))
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_on_flux(host, flow_tree, tmp_path):
     """SQDF (replay buffer, prioritised sampling) on Flux dev: 2 steps, a restart, 2 more == 4 in one go."""
     patcher, vae, encode = flow_setup(host, "flux_dev")
@@ -338,6 +341,7 @@ def test_gradient_checkpointing_on_flux_gives_the_same_gradients(host, flow_tree
 
 @pytest.mark.parametrize("fam,objective", [("flux_dev", "refl"), ("sd35", "refl"), ("zimage", "refl"),
                                            ("flux_dev", "imagerefl"), ("flux_dev", "sqdf")])
+@pytest.mark.slow
 def test_memory_estimate_on_a_flow_model_is_within_10_percent_and_checks_the_run(host, flow_tree, fam, objective):
     """The FakeTensor estimate rebuilds a flow transformer's step through its BaseModel's
     ``apply_model`` with the conds of its own ``extra_conds`` (no UNet ``context_dim``): each step

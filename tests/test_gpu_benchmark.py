@@ -13,10 +13,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(PACK_ROOT, "benchmarks", "gpu_train.py")
 
 
+@pytest.mark.slow
 def test_reduced_cpu_run_reports_engine_composite_and_estimate(tmp_path):
     out = tmp_path / "reduced.json"
     proc = subprocess.run([sys.executable, BENCH, "--device", "cpu", "--reduced", "--kinds", "refl", "--steps", "1",

@@ -262,6 +262,7 @@ def _pack_nodes(object_info: dict, module: str) -> set[str]:
     return {k for k, v in object_info.items() if v.get("python_module") == module}
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_install_disable_uninstall_through_comfyui_manager(host, tmp_path, monkeypatch):
     t0 = time.time()

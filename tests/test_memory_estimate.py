@@ -50,6 +50,7 @@ def config(**kw):
     return TrainConfig(**base).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,checkpointing", [("refl", False), ("imagerefl", True), ("sqdf", True)])
 def test_estimate_within_10_percent_of_the_real_step(tiny, objective, checkpointing):
     patcher, vae, reward = tiny
@@ -80,6 +81,7 @@ def test_fake_copy_allocates_nothing_and_leaves_the_original(tiny):
     assert all(torch.equal(a, b) for a, b in zip(before, unet.parameters()))
 
 
+@pytest.mark.slow
 def test_checkpointing_lowers_the_estimate_and_the_refusal_says_what_to_lower(tiny):
     patcher, vae, reward = tiny
     plain = config(objective="imagerefl", batch_size=4)
@@ -143,6 +145,7 @@ def _lora_grads(patcher, vae, reward, cfg, dtype=torch.float32):
     return [p.grad.detach().clone() for p in run.lora.parameters() if p.grad is not None], metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["refl", "sqdf"])
 def test_decode_checkpointing_gives_the_same_gradients(tiny, objective):
     """Per-image decode under checkpointing is the same computation: in float64 the LoRA's
@@ -186,6 +189,7 @@ def _sqdf_grads(patcher, vae, reward, cfg, dtype):
     return [p.grad.detach().clone() for p in run.lora.parameters() if p.grad is not None]
 
 
+@pytest.mark.slow
 def test_decode_checkpointing_lowers_the_peak_and_the_estimate_follows(tiny):
     """At batch 4 the decode's activations are the step's largest part: decoding one image at a
     time under checkpointing lowers the measured peak of the real step (CPU, MemTracker), and the
@@ -301,6 +305,7 @@ def test_block_wise_decode_of_a_block_that_works_in_place_gives_the_right_gradie
     assert (grads[True] - grads[False]).abs().max() <= 1e-12 * grads[False].abs().max()
 
 
+@pytest.mark.slow
 def test_block_wise_decode_lowers_the_peak_and_the_estimate_follows(tiny):
     """At batch 1 the per-image checkpoint alone recomputes the whole decoder at once in the
     backward pass; checkpointing each decoder block inside it lowers the measured peak of the real
@@ -325,6 +330,7 @@ def test_the_refusal_suggests_decode_checkpointing_at_batch_1():
     assert not ok and "decode_checkpointing" not in advice
 
 
+@pytest.mark.slow
 def test_an_estimate_made_while_a_job_trains_on_another_thread_is_unchanged(tiny):
     """The node estimates on its own thread while a background job may be training: the tracker's
     module and optimizer hooks are process-wide, so it must listen to its own thread only — the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -74,6 +75,7 @@ def test_sd15_checkpoint_is_detected_and_lora_loads(host, models_tree):
     assert isinstance(sdxl.model.model_config, comfy.supported_models.SDXL)
 
 
+@pytest.mark.slow
 def test_real_prompt_endpoints_and_chain(host, models_tree):
     p = sd15_prompt(models_tree)
     for k in (0, 3, 6):
@@ -108,6 +110,7 @@ def test_real_prompt_decodes_images_through_the_vae(host, models_tree):
         assert arr.shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_sdxl_architecture_combined_equals_ksampler_endpoints(host, models_tree):
     from rewardtune.testing import tiny_models as tm
     import comfy.sd

@@ -75,6 +75,7 @@ def test_nodes_registered_with_the_reward_folder(host, reward_tree):
                 assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pickscore", "hpsv2", "aesthetic"])
 def test_generate_score_and_keep_best(host, models_tree, reward_tree, kind):
     import folder_paths
@@ -103,6 +104,7 @@ def test_generate_score_and_keep_best(host, models_tree, reward_tree, kind):
     assert len(captioned) == 4 and not np.array_equal(captioned[0], images[0].numpy())
 
 
+@pytest.mark.slow
 def test_aesthetic_with_comfy_clip_vision_equals_file_path(host, models_tree, reward_tree, vitl14_clip_vision):
     """A CLIP_VISION from ComfyUI's Load CLIP Vision (real ViT-L/14 size, the only sizes its
     loader detects) gives the same scores as the same file loaded by RewardTune."""
@@ -162,6 +164,7 @@ def test_errors_say_what_to_do(host, models_tree, reward_tree):
 
 
 # --------------------------------------------------------------------------------- server
+@pytest.mark.slow
 @pytest.mark.server
 def test_example_workflow_runs_over_http_and_server_survives_bad_input(reward_tree, server, models_tree):
     info = server.get("/object_info")
@@ -188,6 +191,7 @@ def test_example_workflow_runs_over_http_and_server_survives_bad_input(reward_tr
     assert len(outs["11"]["images"]) == 1 and len(outs["10"]["images"]) == 4
 
 
+@pytest.mark.slow
 def test_official_imagereward_file_through_the_nodes(host, models_tree, reward_tree, imagereward_oracle):
     """The full-size ImageReward.pt the reference package saved, picked in Load Reward Model."""
     name = "rt_random_ImageReward.pt"

@@ -69,6 +69,7 @@ def test_clip_family_other_sizes_close_to_reference(reward_tree, kind):
     assert err <= OTHER_SIZE_TOLERANCE[kind] * spread, (ours, ref)
 
 
+@pytest.mark.slow
 def test_hpsv2_full_vit_h14_equals_open_clip(tmp_path):
     """The real HPSv2 architecture (OpenCLIP ViT-H-14, 986M parameters), not only a small one."""
     path = str(tmp_path / "HPS_v2_compressed.pt")
@@ -98,6 +99,7 @@ def test_clip_tokenizer_matches_hf_clip_tokenizer():
 
 
 # ---------------------------------------------------------------------- equality: ImageReward
+@pytest.mark.slow
 def test_imagereward_equals_package(imagereward_oracle):
     """Scores of the image-reward package (own venv, PIL path, its score() and inference_rank())
     against RewardTune's loader + scorer on the same random ImageReward.pt."""
@@ -129,6 +131,7 @@ def test_imagereward_equals_package(imagereward_oracle):
     assert err_resized <= 5e-3, (ours, ref)
 
 
+@pytest.mark.slow
 def test_imagereward_tokens_and_preprocessing_equal_package(imagereward_oracle):
     with open(os.path.join(imagereward_oracle["dir"], "tokens.json"), encoding="utf-8") as f:
         tokens = json.load(f)
@@ -165,6 +168,7 @@ def test_gradient_ascent_raises_score(reward_tree, kind):
     assert model.score(x, prompt).item() > start.item() + 1e-4
 
 
+@pytest.mark.slow
 def test_imagereward_gradient_ascent_raises_score(imagereward_oracle):
     model = load_reward_model(imagereward_oracle["weights"])
     x = rf.pil_to_comfy(rf.test_images(seed=10, size=(224, 224), n=1))

@@ -42,6 +42,7 @@ def test_web_extension_is_served(server):
     assert b"registerExtension" in body
 
 
+@pytest.mark.slow
 def test_example_workflow_runs_over_http_with_progress(server, models_tree):
     steps = 8
     prompt = example_prompt(server, models_tree, steps=steps)
@@ -76,6 +77,7 @@ def test_example_workflow_runs_over_http_with_progress(server, models_tree):
     assert len(images) == 6
 
 
+@pytest.mark.slow
 def test_bad_switch_fails_clearly_and_server_keeps_serving(server, models_tree):
     prompt = example_prompt(server, models_tree, steps=8, switch=9)
     pid = server.queue(prompt)

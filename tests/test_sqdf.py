@@ -80,6 +80,7 @@ def test_kl_is_zero_at_init_and_the_gradient_reaches_only_the_lora_through_one_s
 SQDF_HELD_OUT = dict(before=0.3751, up=0.4086, down=0.3659, kl0=0.1088, kl50=0.0134)
 
 
+@pytest.mark.slow
 def test_sqdf_raises_held_out_brightness_and_alpha_keeps_the_policy_near_the_reference():
     """30 steps on brightness raise it on held-out seeds and prompt by about the measured amount,
     −brightness lowers it (negative control); α = 50 cuts the policy's KL to the reference by the
@@ -104,6 +105,7 @@ def test_sqdf_raises_held_out_brightness_and_alpha_keeps_the_policy_near_the_ref
     assert abs(runs["alpha50"][0] - before) < 0.25 * rise, runs
 
 
+@pytest.mark.slow
 def test_resume_mid_run_equals_uninterrupted_buffer_included(tmp_path):
     patcher, vae = tiny_setup()
     full = train(patcher, vae, brightness, sqdf_cfg(steps=4, sqdf_prioritised=True), encode=encode,

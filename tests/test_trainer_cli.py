@@ -38,6 +38,7 @@ def cli(models_tree, reward_tree):
     return run
 
 
+@pytest.mark.slow
 def test_cli_trains_refuses_to_overwrite_and_resumes(cli, tmp_path):
     out = tmp_path / "run"
     proc = cli("--objective", "refl", "--prompts", "a red apple\n# a comment\na blue car", "--out", str(out), *SMALL)
@@ -65,6 +66,7 @@ def test_cli_trains_refuses_to_overwrite_and_resumes(cli, tmp_path):
     assert [m["step"] for m in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_run_over_the_memory_budget_before_it_starts(cli, tmp_path):
     """The node's check (memory.check_budget) runs in the CLI too: a step over --memory-budget-gb is
     refused before anything is written, saying what to lower; --skip-memory-check starts anyway."""
@@ -78,6 +80,7 @@ def test_cli_refuses_a_run_over_the_memory_budget_before_it_starts(cli, tmp_path
     assert "finished step 1" in skipped.stdout and "memory:" not in skipped.stdout
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_stops_after_the_step_and_keeps_a_checkpoint(cli, tmp_path):
     out = tmp_path / "run"
     proc = _start(cli, "--objective", "refl", "--prompts", "p", "--out", str(out), *SMALL[2:], "--steps", "1000",
@@ -102,6 +105,7 @@ BAD_CONFIGS = {"malformed config": ('{"lr": 0.001,', "is not valid JSON (Expecti
 @pytest.mark.parametrize("case", ["empty folder", "missing caption", "rank 0", "no prompts", "missing reward",
                                   *BAD_CONFIGS, "missing config", "reward as checkpoint", "refl without prompts",
                                   "imagerefl without data", "budget 1e308", "out is a file", "rank 1e8"])
+@pytest.mark.slow
 def test_cli_bad_input_is_a_message(cli, reward_tree, tmp_path, case):
     """One "error:" line on stderr saying what to do, exit status 2, no traceback, nothing written
     (a --memory-budget-gb of 1e308, an --out that is a file and a --rank above the layers' sizes were
@@ -177,6 +181,7 @@ def _checkpoint_step(out) -> int:
     return int(torch.load(out / "checkpoint.pt", weights_only=True, mmap=True)["step"])
 
 
+@pytest.mark.slow
 def test_cli_metrics_hold_each_step_once_through_kills_and_resumes(cli, tmp_path):
     """SIGKILL before the first checkpoint, start afresh, SIGKILL two steps after a checkpoint,
     resume to the end: metrics.jsonl holds steps 1..8 once each, equal to the checkpoint's history
@@ -199,6 +204,7 @@ def test_cli_metrics_hold_each_step_once_through_kills_and_resumes(cli, tmp_path
     assert lines == json.loads(state["history"])
 
 
+@pytest.mark.slow
 def test_cli_resume_refuses_other_prompts_images_or_reward_and_names_them(cli, tmp_path):
     """One fingerprint (trainers/fingerprint.py, the jobs' too) is stored with the run: a resume
     with other prompts, another dataset or another reward model is refused, naming each, with the

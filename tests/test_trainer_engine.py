@@ -118,6 +118,7 @@ def test_config_validation_and_json():
 
 
 # --------------------------------------------------------------------------- the loop
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["refl", "imagerefl"])
 def test_runs_end_to_end_with_a_reward_model(objective, reward_tree, tmp_path):
     """A tiny random reward model from the reward library (HPSv2 layout) drives both objectives."""
@@ -175,6 +176,7 @@ def negated(reward):
 HELD_OUT = {"refl": (0.3751, 0.4043, 0.3614), "imagerefl": (0.3751, 0.4106, 0.3654)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["refl", "imagerefl"])
 def test_training_raises_a_held_out_reward_and_the_negated_reward_lowers_it(objective):
     """40 optimizer steps on brightness raise it on held-out seeds, a held-out prompt and a
@@ -201,6 +203,7 @@ def _sample(model, seed=11):
     return comfy.sample.sample(model, noise, 6, 2.0, "euler", "normal", encode("held"), encode(""), lat, seed=seed)
 
 
+@pytest.mark.slow
 def test_saved_lora_loads_in_comfy_and_equals_the_tuned_model(tmp_path):
     patcher, vae = tiny_setup()
     result = train(patcher, vae, pattern_reward, small(steps=3, lr=5e-2), encode=encode, prompts=["p", "q"],
@@ -253,6 +256,7 @@ def assert_resume_equals_uninterrupted(full_dir, resumed_dir, full, resumed):
 FP16_FAST = dict(width=16, height=16, num_steps=4, refl_stop_min=2, refl_stop_max=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective,precision", [("refl", "fp32"), ("refl", "fp16"), ("imagerefl", "fp32")])
 def test_resume_equals_uninterrupted(tmp_path, objective, precision):
     """2 steps, a restart from the checkpoint, 2 more == 4 uninterrupted steps (fp16: the
@@ -274,6 +278,7 @@ def test_resume_equals_uninterrupted(tmp_path, objective, precision):
     assert_resume_equals_uninterrupted(str(tmp_path / "full"), str(tmp_path / "half"), full, resumed)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_without_a_format_version_resumes_exactly_and_newer_formats_are_refused(tmp_path):
     """A checkpoint in the format of the versions before "format_version" existed (the same file
     with that key deleted) is read as format 1 and resumes bit for bit like an uninterrupted run;
@@ -335,6 +340,7 @@ def test_nan_reward_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
         train(patcher, vae, pattern_reward, small(objective="imagerefl"), encode=encode, prompts=["p"])
 
 
+@pytest.mark.slow
 def test_a_kill_during_saving_never_corrupts_the_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a 40 MB checkpoint in a loop: the file always loads."""
     path = tmp_path / "checkpoint.pt"
@@ -497,6 +503,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients()
     assert not [m for m in unet.modules() if "forward" in m.__dict__]
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_the_update_then_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     """fp16 with its GradScaler (engine.py): an overflowing step (non-finite gradient norm) changes
     no weight, halves the scale and training goes on; MAX_SKIPPED_FP16_STEPS overflows in a row
@@ -549,6 +556,7 @@ def test_fp16_overflow_skips_the_update_then_stops_and_keeps_the_last_good_check
     assert any(not torch.equal(v, good["lora"][k]) for k, v in resumed.lora.state_dict().items())
 
 
+@pytest.mark.slow
 def test_imagerefl_trains_from_an_image_folder_with_aspect_buckets(tmp_path):
     """The usual LoRA dataset layout: images of two shapes with same-named .txt captions; each
     batch comes from one aspect bucket, so wide and tall latents both reach the step."""
@@ -601,6 +609,7 @@ def test_merged_lora_for_no_grad_calls_equals_the_wrappers_and_restores_them():
         assert torch.equal(m.weight.data, before[n][0]) and m.weight_function == before[n][1]
 
 
+@pytest.mark.slow
 def test_sdxl_checkpoint_trains_through_the_real_loader(host, models_tree, tmp_path):
     """SDXL conditioning (pooled output, size embedding) goes through the same loop: one ReFL step
     on the detectable tiny SDXL checkpoint, loaded by CheckpointLoaderSimple; the saved LoRA loads."""

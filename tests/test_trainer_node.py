@@ -222,6 +222,7 @@ def test_nodes_and_routes_are_registered(trainer_server):
     assert b"export class JobsPanel" in panel
 
 
+@pytest.mark.slow
 def test_background_job_trains_while_the_server_serves_and_the_lora_matches_loraloader(
         trainer_server, models_tree, reward_tree):
     srv = trainer_server
@@ -336,6 +337,7 @@ def _checkpoint(srv, job_id):
                       weights_only=True)
 
 
+@pytest.mark.slow
 def test_wait_mode_interrupt_resume_more_steps_and_requeue(trainer_server, models_tree, reward_tree):
     """Cancel stops a wait-mode job after a step; queueing the graph again continues it from its
     checkpoint (the first new step is the saved one + 1; the steps before it are not redone);
@@ -404,6 +406,7 @@ def test_wait_mode_interrupt_resume_more_steps_and_requeue(trainer_server, model
     assert same_tensors(lora, load_file(os.path.join(job_dir(srv, ref_id), "lora.safetensors")))
 
 
+@pytest.mark.slow
 def test_routes_validate_and_cancel_of_a_finished_job_is_harmless(trainer_server):
     srv = trainer_server
     # every id that names no job answers exactly 404 (jobs/routes.py); tests/test_bad_input.py covers more ids
@@ -424,6 +427,7 @@ def test_routes_validate_and_cancel_of_a_finished_job_is_harmless(trainer_server
     assert len(srv.get("/rewardtune/jobs/" + finished[0]["id"] + "?limit=2")["metrics"]) == 2
 
 
+@pytest.mark.slow
 def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, models_tree, reward_tree):
     """Issue 15: a job stopped by Cancel and resumed through the route (no server restart) trains
     on to its end, every step logged once. The job keeps a clean copy of the graph it was queued
@@ -481,6 +485,7 @@ def test_resume_route_continues_a_stopped_job_without_a_restart(trainer_server, 
         assert e.value.code == 404, (method, path)
 
 
+@pytest.mark.slow
 def test_remove_route_refuses_running_and_queued_jobs(trainer_server, models_tree, reward_tree):
     """A running or queued job is never removed (409, its folder untouched); once stopped it is."""
     srv = trainer_server
@@ -514,6 +519,7 @@ def test_remove_route_refuses_running_and_queued_jobs(trainer_server, models_tre
     assert not [f for f in os.listdir(os.path.dirname(job_dir(srv, ids[0]))) if f.startswith(".removed-")]
 
 
+@pytest.mark.slow
 def test_two_jobs_queue_and_neither_corrupts_the_other(trainer_server, models_tree, reward_tree):
     """The second job is queued while the first trains and takes its first step only after the
     first has ended (read from the order of the server's events, whatever the timing)."""
@@ -543,6 +549,7 @@ def test_two_jobs_queue_and_neither_corrupts_the_other(trainer_server, models_tr
 OBJECT_INFO_BOUND_S = 5.0  # measured 1.0-1.8 s while steps ran, on 2 CPU cores shared with other test runs
 
 
+@pytest.mark.slow
 def test_while_a_job_trains_the_server_answers_attaches_loads_cancels_and_limits_the_queue(
         trainer_server, models_tree, reward_tree):
     """One long background job, and while it trains: /object_info answers within seconds; the same
@@ -680,6 +687,7 @@ def test_while_a_job_trains_the_server_answers_attaches_loads_cancels_and_limits
     assert _checkpoint(srv, job_id)["step"] == st["step"] and st["step"] < 10_000
 
 
+@pytest.mark.slow
 def test_a_killed_server_lists_the_job_and_resumes_it(models_tree, reward_tree, tmp_path):
     """SIGKILL mid-job, start the server again, resume: the run continues from the checkpoint (the
     first new step is the saved one + 1, the logged steps before it are kept) and its LoRA equals
@@ -727,6 +735,7 @@ def test_a_killed_server_lists_the_job_and_resumes_it(models_tree, reward_tree, 
     assert same_tensors(resumed, ref)
 
 
+@pytest.mark.slow
 def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer_server, models_tree, reward_tree):
     """The ImageReFL template (example_workflows/5 Train ImageReFL …) over HTTP: ImageReFL on a small
     folder in the input directory, then base → freshly tuned with the Combined KSampler."""
@@ -745,6 +754,7 @@ def test_example_workflow_trains_then_samples_with_the_combined_ksampler(trainer
     assert "finished at step 6/6" in text and f"rewardtune/{job['id']}.safetensors" in text
 
 
+@pytest.mark.slow
 def test_the_node_trains_sqdf_with_and_without_a_consistency_model(trainer_server, models_tree, reward_tree):
     srv = trainer_server
     spec = srv.get("/object_info/RewardTuneTrainLoRA")["RewardTuneTrainLoRA"]["input"]["optional"]["lcm_lora"]
@@ -765,6 +775,7 @@ def test_the_node_trains_sqdf_with_and_without_a_consistency_model(trainer_serve
         assert expected in text, text
 
 
+@pytest.mark.slow
 def test_the_node_refuses_a_run_that_will_not_fit_before_a_job_exists_and_caches_the_estimate(
         trainer_server, models_tree, reward_tree):
     """The step's peak is estimated (FakeTensorMode) where the node checks its config, before the
@@ -849,6 +860,7 @@ def _train_and_sample_tuned(models_tree, reward_tree, name, extra, prefix, **kw)
     return prompt
 
 
+@pytest.mark.slow
 def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_model_as_it_was(
         trainer_server, models_tree, reward_tree):
     """unet_copy "auto" (the default): a budget that holds the step and a private UNet copy trains on
@@ -920,6 +932,7 @@ def test_auto_trains_on_the_graphs_weights_when_no_copy_fits_and_leaves_the_mode
         ev.close()
 
 
+@pytest.mark.slow
 def test_a_background_job_never_shares_the_graphs_weights(trainer_server, models_tree, reward_tree):
     """Mode background with no room for the private copy is refused before a job exists, saying to
     use mode wait; so is unet_copy "shared" in mode background, and an unknown unet_copy."""

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 
 from test_trainer_engine import encode, pattern_reward, small, tiny_setup  # noqa: E402
@@ -69,6 +70,7 @@ def test_checkpointed_recomputation_does_not_set_the_process_wide_generator(tmp_
     assert repeated == 0, f"{repeated} of {len(draws)} draws were not the stream's next number"
 
 
+@pytest.mark.slow
 def test_a_foreground_sampler_on_another_thread_changes_neither_the_lora_nor_its_own_noise(tmp_path):
     """An undisturbed 2-step run against a 1-step run resumed to 2 steps while another thread
     does what a foreground KSampler does (``prepare_noise``: reseed the global generator, draw

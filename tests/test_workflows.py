@@ -87,6 +87,7 @@ def test_float_and_combo_controls_and_dynamic_combo():
         ui_to_api(_node([0.5, "fixed", "b", "fixed", "", "z"]), info)
 
 
+@pytest.mark.slow
 def test_the_old_sweep_workflow_fails_as_it_did_in_the_browser(info):
     """The shipped sweep before the fix had no value for the seed's control widget: in the browser
     every later widget shifted one slot (steps = NaN, scheduler = 512 …). The conversion now fails
@@ -100,6 +101,7 @@ def test_the_old_sweep_workflow_fails_as_it_did_in_the_browser(info):
         ui_to_api(wf, info, check_options=False)
 
 
+@pytest.mark.slow
 def test_seed_inputs_say_control_after_generate(info):
     for name in our_nodes(info):
         for inp, spec in widget_inputs(info[name]):
@@ -134,6 +136,7 @@ def test_combined_inputs_are_nested_and_flat_prompts_are_refused(host, models_tr
 
 
 # ------------------------------------------------------------------ the shipped examples
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EXAMPLES))
 def test_example_converts_as_the_frontend_reads_it(info, key):
     """Every widget value lands on the input it belongs to: each value fits its input's type,
@@ -155,6 +158,7 @@ def test_example_converts_as_the_frontend_reads_it(info, key):
                 assert isinstance(inputs.get(inp["name"]), list), (key, node["type"], inp["name"])
 
 
+@pytest.mark.slow
 def test_examples_hold_the_papers_settings(info):
     """Spot checks by input name: the values users see are the ones the notes describe."""
     def inputs(key, ntype):
@@ -198,6 +202,7 @@ def test_template_titles_state_no_numbers_and_name_the_right_family(key):
                 f"{key}: node {node['id']} titled {title!r} holds {files}"
 
 
+@pytest.mark.slow
 def test_templates_share_one_placeholder_style(info):
     """The files a user must supply have one kind of name in every template (my_…, as the
     dataset_folder tooltip's example, my_dataset), and every note has the same title (an untitled
@@ -227,6 +232,7 @@ def _overlap(a, b):
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EXAMPLES))
 def test_example_layout_has_no_overlaps_and_room_for_every_widget(info, key):
     wf = load_example(EXAMPLES[key])
@@ -254,6 +260,7 @@ def test_overlap_check_can_fail():
     assert not _overlap(_box(upper), _box(lower))
 
 
+@pytest.mark.slow
 def test_templates_are_listed_with_pictures(server, pack):
     """/workflow_templates lists one template per task; the Templates dialog titles each card with
     the file name and fetches <name>.jpg as its picture. ComfyUI's own templates and node docs are
@@ -282,6 +289,7 @@ def _saved(server, entry, node_id):
     return np.stack([np.asarray(Image.open(f"{server.workdir}/output/{i['subfolder']}/{i['filename']}")) for i in img])
 
 
+@pytest.mark.slow
 def test_sd35_template_runs_on_a_flow_checkpoint(server, info, models_tree, reward_tree):
     """Template 7 on a tiny SD3.5 checkpoint (MMDiT, rectified flow, CLIP-L, 16-channel TAESD) and a
     LoRA for it, as a user queues it: the Combined KSampler's row equals the base row at k = N and the
@@ -338,6 +346,7 @@ def _all_input_names(node_info):
     return names
 
 
+@pytest.mark.slow
 def test_every_node_has_a_help_page_documenting_every_input(host, server, info, pack):
     """Every node of the pack in NODE_CLASS_MAPPINGS has a help page the server serves at the first
     address the frontend's help panel fetches, /extensions/<pack>/docs/<Node>/en.md (it falls back
