@@ -104,6 +104,7 @@ def test_clip_text_encode_equals_the_fast_path_the_world_was_trained_with(toy_wo
         assert torch.equal(ref[0][1]["pooled_output"], fast[c][0][1]["pooled_output"])
 
 
+@pytest.mark.slow
 def test_held_out_captions_and_the_detector_figures(toy_world):
     """The figures the build measured and docs/toyworld.md reports, measured again here on the
     loaded world (seen and held-out captions, 8 pictures each)."""

@@ -176,6 +176,13 @@ class Reproduction:
             result = train(w.model, w.vae, reward_from_model(w.reward, sign * cfg.reward_scale, cfg.reward_offset), cfg,
                            encode=self.conds, prompts=self.prompts if cfg.needs_prompts else None, images=images,
                            out_dir=out)
+            # the tuned MODEL as a user gets it: the saved LoRA file applied as weight patches, as
+            # LoraLoader (and the trainer node's output) does. The engine's own result.model carries
+            # the LoRA as training wrappers, which combined sampling rightly refuses to swap.
+            import comfy.sd
+            from safetensors.torch import load_file
+            tuned, _ = comfy.sd.load_lora_for_models(w.model, None, load_file(result.lora_path), 1.0, 0.0)
+            result = dataclasses.replace(result, model=tuned)
             if self.lora_dir and result.lora_path:
                 os.makedirs(self.lora_dir, exist_ok=True)
                 keep = os.path.join(self.lora_dir, f"{name.replace(' ', '_').replace('=', '')}-seed{seed}.safetensors")
