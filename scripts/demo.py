@@ -1,22 +1,25 @@
-"""Run the combined-generation example workflow headless through a real ComfyUI server.
+"""Run the seven example workflows headless on the toy world, through a real ComfyUI server.
 
-1. writes tiny random-weight models (a detectable SD1.5 checkpoint with CLIP-L and a TAESD VAE,
-   and a LoRA standing in for the reward-tuned model) into a models tree,
+The toy world (docs/toyworld.md) is a tiny SD3-family text-to-image model trained on 64×64
+pictures of coloured shapes, with a learned reward in the PickScore layout: real weights, so the
+pictures are pictures ("a red circle above a blue square") and the scores mean something.
+
+1. writes the toy world from its committed weights into ~/.cache/rewardtune (seconds, once) and
+   links into a models tree: the checkpoint (``rt_toyworld.safetensors``), the reward folder
+   (``rt_toyworld_pickscore/``) and the reward-tuned ReFL LoRA (``loras/``; the committed
+   ``toyworld/weights/rt_toyworld_refl_lora.safetensors``, or, until that file exists, a stand-in
+   this script trains once with the pack's trainer, ~2 min, kept in .rt/demo/),
 2. starts ``ComfyUI/main.py --cpu`` on 127.0.0.1 with this pack in its custom nodes,
-3. loads ``example_workflows/1 Combined generation (base then tuned model).json`` (the UI workflow
-   users open, Templates → RewardTune), converts it
-   with the server's /object_info, swaps in the tiny model names (and a small size/step count),
-4. queues it over HTTP, waits for /history, and writes the images plus a base | combined | tuned
-   strip to the output folder,
-5. runs ``2 Best-of-N with a reward model.json`` the same way with a tiny random reward model in the
-   official HPSv2 file layout: 4 candidates scored, the best kept (``best_of_n/`` in the output),
-6. runs ``3 Quality-diversity sweep (trade-off plot).json``: reward vs diversity for k = 0, 4, 6, 8
-   of 8 steps (``quality_diversity/`` in the output: the plot),
-7. runs ``5 Train ImageReFL LoRA, then combined generation.json``: a Train Reward LoRA job (ImageReFL,
-   8 steps on 4 generated captioned images) then the Combined KSampler base → freshly tuned
-   (``training/`` in the output: the two images and the reward curve),
-8. runs ``7 Combined generation on SD3.5 (flow model).json`` on a tiny SD3.5 checkpoint (an MMDiT
-   rectified-flow transformer with CLIP-L and a 16-channel TAESD) and a LoRA for it (``sd35/``).
+3. loads every ``example_workflows/*.json`` (the UI workflows users open, Templates → RewardTune),
+   converts it with the server's /object_info and swaps in the toy world's models and settings:
+   toy-world captions, 64×64, 20 steps, switch step 14 of 20 (the paper's 30 of 40 scaled), CFG 5,
+   euler / simple (the world's sampler),
+4. queues each over HTTP, waits for /history, fails loudly when one fails, and writes its images:
+   1 combined generation: base | combined | tuned images and ``strip_base_combined_tuned.png``,
+   2 best-of-N (``best_of_n/``), 3 quality-diversity sweep (``quality_diversity/``: the plot),
+   4 diversity score (``diversity/``), 5 Train ImageReFL LoRA then combined generation
+   (``training/``: samples and the reward curve), 6 Train SQDF LoRA (``sqdf/``), 7 combined
+   generation on SD3.5 (``sd35/``: the toy world is an SD3-family model, so it runs on it too).
 """
 from __future__ import annotations
 
@@ -30,155 +33,212 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+WORK = os.path.join(ROOT, ".rt", "demo")
+
+# The toy world's sampling (toyworld/evaluate.py) and the paper's 30-of-40 switch scaled to 20 steps.
+SIZE, STEPS, SWITCH, CFG, SAMPLER, SCHEDULER = 64, 20, 14, 5.0, "euler", "simple"
+CAPTION = "a red circle above a blue square"
+CAPTIONS = (CAPTION, "a yellow triangle", "a purple square to the left of a green circle")
+# The learned reward standardised on the base model's pictures, s · (R + o) with s = 1/std and
+# o = −mean (as toyworld/reproduce.py does; measured on 16 base pictures: mean 55.0, std 13.4):
+# ReFL-style losses are hinged at 0, so the raw reward (≈ 55) would give them no gradient.
+REWARD_STANDARDISED = {"reward_scale": 0.075, "reward_offset": -55.0}
+COMMITTED_LORA = os.path.join(ROOT, "toyworld", "weights", "rt_toyworld_refl_lora.safetensors")
+STANDIN_LORA = "rt_toyworld_refl_lora_standin.safetensors"
+# where each template's images go under --out ("" = the folder itself)
+OUT_DIRS = {"combined": "", "best_of_n": "best_of_n", "sweep": "quality_diversity", "diversity": "diversity",
+            "train_imagerefl": "training", "train_sqdf": "sqdf", "combined_sd35": "sd35"}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="where the images and the strip go")
-    ap.add_argument("--steps", type=int, default=40, help="sampling steps (the paper's 40)")
-    ap.add_argument("--switch", type=int, default=30, help="switch step k (the paper's 30 for SD1.5)")
-    ap.add_argument("--size", type=int, default=128, help="image size in pixels (tiny models: keep it small)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="sampling steps (the toy world's 20)")
+    ap.add_argument("--switch", type=int, default=SWITCH, help="switch step k (14 of 20: the paper's 30 of 40)")
+    ap.add_argument("--only", nargs="*", choices=list(OUT_DIRS), help="run only these templates (default: all)")
     args = ap.parse_args()
 
-    models = tiny_models()
+    models = toy_models()
     from rewardtune.testing.comfy_host import ComfyServer
-    from rewardtune.testing.workflow import EXAMPLES, combined_example_prompt
-    ckpt, lora, reward, emp = models["ckpt"], models["lora"], models["reward"], models["yaml"]
-    work = os.path.join(ROOT, ".rt", "demo")
-
-    server_dir = os.path.join(work, "server")
+    from rewardtune.testing.workflow import EXAMPLES
+    server_dir = os.path.join(WORK, "server")
     shutil.rmtree(server_dir, ignore_errors=True)
     os.makedirs(server_dir)
+    out_dir = os.path.abspath(args.out)
     print("[demo] starting ComfyUI (CPU) …", flush=True)
-    with ComfyServer(server_dir, emp) as srv:
+    with ComfyServer(server_dir, models["yaml"]) as srv:
         info = srv.get("/object_info")
         missing = [n for n in ("RewardTuneCombinedKSampler", "RewardTuneCombinedGuider") if n not in info]
         if missing:
             print(f"[demo] the pack did not load: {missing} missing from /object_info\n{srv.log_tail()}")
             return 1
-        prompt = combined_example_prompt(info, ckpt, lora,
-                                         steps=args.steps, switch=args.switch, size=args.size)
-        t0 = time.time()
-        pid = srv.queue(prompt)
-        entry = srv.wait(pid, timeout=600)
-        if entry["status"].get("status_str") != "success":
-            print(f"[demo] the workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}")
+        prompts = template_prompts(info, models, server_dir, steps=args.steps, switch=args.switch, only=args.only)
+        for key, prompt in prompts.items():
+            if run_prompt(srv, server_dir, EXAMPLES[key], prompt, os.path.join(out_dir, OUT_DIRS[key])) is None:
+                return 1
+    if "combined" in prompts:
+        strip_path = write_strip(out_dir, args.switch)
+        if strip_path is None:
             return 1
-        print(f"[demo] workflow ran in {time.time() - t0:.1f}s", flush=True)
-        out_dir = os.path.abspath(args.out)
-        os.makedirs(out_dir, exist_ok=True)
-        rows = {}
-        for node_out in entry["outputs"].values():
-            for img in node_out.get("images", []):
-                src = os.path.join(server_dir, "output", img["subfolder"], img["filename"])
-                label = img["filename"].rsplit("_", 2)[0]
-                dst = os.path.join(out_dir, img["filename"])
-                shutil.copyfile(src, dst)
-                rows.setdefault(label, []).append(dst)
-        if run_best_of_n(srv, info, server_dir, ckpt, reward,
-                         os.path.join(out_dir, "best_of_n"), args.size) != 0:
-            return 1
-        if run_workflow(srv, info, server_dir, EXAMPLES["sweep"], {
-                ("CheckpointLoaderSimple", "ckpt_name"): ckpt,
-                ("LoraLoader", "lora_name"): lora,
-                ("RewardTuneLoadRewardModel", "reward_model"): reward,
-                ("RewardTuneQualityDiversitySweep", "steps"): 8,
-                ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 4, 6, 8",
-                ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 3,
-                ("RewardTuneQualityDiversitySweep", "width"): 64,
-                ("RewardTuneQualityDiversitySweep", "height"): 64}, os.path.join(out_dir, "quality_diversity")) != 0:
-            return 1
-        if run_training(srv, info, server_dir, ckpt, reward,
-                        os.path.join(out_dir, "training")) != 0:
-            return 1
-        if run_workflow(srv, info, server_dir, EXAMPLES["combined_sd35"], {
-                ("CheckpointLoaderSimple", "ckpt_name"): models["sd35"],
-                ("LoraLoader", "lora_name"): models["sd35_lora"],
-                ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64,
-                ("KSampler", "steps"): 8, ("RewardTuneCombinedKSampler", "steps"): 8,
-                ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): 6}, os.path.join(out_dir, "sd35")) != 0:
-            return 1
+        print(f"[demo] strip: {strip_path}")
+    print(f"[demo] images written to {out_dir}" + (" (the LoRA is a stand-in: see above)" if models["standin"] else ""))
+    return 0
+
+
+def write_strip(out_dir: str, switch: int) -> str | None:
+    """base | combined | tuned side by side, one row per seed, from template 1's saved images."""
     from PIL import Image, ImageDraw
+    rows = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".png") and not name.startswith("strip"):
+            rows.setdefault(name.rsplit("_", 2)[0], []).append(os.path.join(out_dir, name))
     order = [r for r in ("base", "combined", "tuned") if r in rows]
     if order != ["base", "combined", "tuned"]:
         print(f"[demo] expected base/combined/tuned images, got {sorted(rows)}")
-        return 1
-    tiles = [[Image.open(p).convert("RGB") for p in sorted(rows[r])] for r in order]
-    w, h = tiles[0][0].size
+        return None
+    tiles = [[Image.open(p).convert("RGB") for p in rows[r]] for r in order]
+    scale = 2   # 64-pixel pictures, shown at twice their size
+    w, h = tiles[0][0].width * scale, tiles[0][0].height * scale
     pad = 18
     strip = Image.new("RGB", (w * len(order), (h * len(tiles[0])) + pad), "white")
     draw = ImageDraw.Draw(strip)
     for c, (name, col) in enumerate(zip(order, tiles)):
-        draw.text((c * w + 4, 3), name if name != "combined" else f"combined k={args.switch}", fill="black")
+        draw.text((c * w + 4, 3), name if name != "combined" else f"combined k={switch}", fill="black")
         for r, im in enumerate(col):
-            strip.paste(im, (c * w, pad + r * h))
+            strip.paste(im.resize((w, h), Image.NEAREST), (c * w, pad + r * h))
     strip_path = os.path.join(out_dir, "strip_base_combined_tuned.png")
     strip.save(strip_path)
-    print(f"[demo] images and strip written to {out_dir}")
-    print(f"[demo] strip: {strip_path}")
-    return 0
+    return strip_path
 
 
-def tiny_models() -> dict:
-    """The demo's tiny random-weight models (written once into .rt/demo/models) and the
-    extra_model_paths.yaml that points a ComfyUI server at them and at this pack: file names
-    ``ckpt``, ``lora``, ``reward`` and the path ``yaml``."""
+def toy_models() -> dict:
+    """The toy world linked into .rt/demo/models with the reward-tuned LoRA, and the
+    extra_model_paths.yaml that points a ComfyUI server at them and at this pack: the names the
+    loaders list (``ckpt``, ``reward``, ``lora``), ``standin`` (the LoRA is the stand-in) and the
+    path ``yaml``."""
     runpy.run_path(os.path.join(ROOT, "testing", "pack_import.py"))["import_pack"]()  # the pack as ``rewardtune``
     from rewardtune.testing.comfy_host import make_custom_nodes_dir, prepare_comfy_import, write_extra_model_paths
-    work = os.path.join(ROOT, ".rt", "demo")
-    models = os.path.join(work, "models")
-    os.makedirs(work, exist_ok=True)
-    ckpt = os.path.join(models, "checkpoints", "rt_demo_sd15.safetensors")
-    lora = os.path.join(models, "loras", "rt_demo_tuned_lora.safetensors")
-    emp = write_extra_model_paths(os.path.join(work, "extra_model_paths.yaml"), models,
-                                  custom_nodes=make_custom_nodes_dir(os.path.join(work, "nodes")))
-    reward = os.path.join(models, "reward_models", "rt_demo_HPS_v2.1_tiny.pt")
-    sd35 = os.path.join(models, "checkpoints", "rt_demo_sd35.safetensors")
-    sd35_lora = os.path.join(models, "loras", "rt_demo_sd35_lora.safetensors")
-    if not all(os.path.exists(p) for p in (ckpt, lora, reward, sd35, sd35_lora)):
-        print("[demo] writing tiny random-weight models …", flush=True)
-        prepare_comfy_import(cpu=True)
-        from rewardtune.testing import reward_fixtures as rf
-        from rewardtune.testing import tiny_models as tm
-        tm.write_sd15_checkpoint(ckpt, seed=0)
-        tm.write_sd15_lora(lora, seed=3, scale=0.5)
-        rf.write_hpsv2(reward, seed=0)
-        from rewardtune.testing import tiny_flow_models as tf
-        tf.write_sd35_checkpoint(sd35, seed=0, lora_path=sd35_lora)
-    return {"ckpt": os.path.basename(ckpt), "lora": os.path.basename(lora), "reward": os.path.basename(reward),
-            "sd35": os.path.basename(sd35), "sd35_lora": os.path.basename(sd35_lora), "yaml": emp}
+    from rewardtune.toyworld import world as W
+    models = os.path.join(WORK, "models")
+    os.makedirs(models, exist_ok=True)
+    emp = write_extra_model_paths(os.path.join(WORK, "extra_model_paths.yaml"), models,
+                                  custom_nodes=make_custom_nodes_dir(os.path.join(WORK, "nodes")))
+    folder = W.ensure_world(log=lambda m: print(m, flush=True))
+    names = W.link_models(folder, models)
+    standin = not os.path.exists(COMMITTED_LORA)
+    if standin:
+        source = os.path.join(WORK, "standin", STANDIN_LORA)
+        if not os.path.exists(source):
+            prepare_comfy_import(cpu=True)
+            train_standin_lora(folder, source)
+        print(f"[demo] no {os.path.relpath(COMMITTED_LORA, ROOT)} yet: the tuned model is a stand-in LoRA "
+              f"(ReFL, 20 steps of the pack's trainer, {source})", flush=True)
+    else:
+        source = COMMITTED_LORA
+    lora = os.path.join(models, "loras", os.path.basename(source))
+    os.makedirs(os.path.dirname(lora), exist_ok=True)
+    for name in (STANDIN_LORA, os.path.basename(COMMITTED_LORA)):   # only the one in use is listed
+        if os.path.lexists(os.path.join(models, "loras", name)):
+            os.remove(os.path.join(models, "loras", name))
+    os.symlink(source, lora)
+    return {"ckpt": names["checkpoint"], "reward": names["reward"], "lora": os.path.basename(lora),
+            "standin": standin, "yaml": emp}
 
 
-def run_best_of_n(srv, info, server_dir, ckpt_name, reward_name, out_dir, size) -> int:
-    from rewardtune.testing.workflow import EXAMPLES
-    return run_workflow(srv, info, server_dir, EXAMPLES["best_of_n"], {
-        ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name,
-        ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
-        ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("KSampler", "steps"): 20}, out_dir)
-
-
-def run_workflow(srv, info, server_dir, name, replace, out_dir) -> int:
-    """Queue a shipped example workflow (with tiny-model names swapped in), copy its images."""
-    from rewardtune.testing.workflow import load_example, ui_to_api
-    return run_prompt(srv, server_dir, name, ui_to_api(load_example(name), info, replace), out_dir)
-
-
-def run_training(srv, info, server_dir, ckpt_name, reward_name, out_dir) -> int:
-    """The ImageReFL template (5 Train ImageReFL LoRA, then combined generation): ImageReFL on a small
-    generated folder in the input directory, then base → freshly tuned with the Combined KSampler."""
-    from rewardtune.testing.workflow import EXAMPLES, train_example_prompt, write_tiny_dataset
-    write_tiny_dataset(os.path.join(server_dir, "input", "rewardtune_demo_dataset"))
-    prompt = train_example_prompt(info, ckpt_name, reward_name, "rewardtune_demo_dataset",
-                                  job_name="demo-imagerefl", train_steps=8)
-    return run_prompt(srv, server_dir, EXAMPLES["train_imagerefl"], prompt, out_dir)
-
-
-def run_prompt(srv, server_dir, name, prompt, out_dir) -> int:
+def train_standin_lora(folder: str, path: str, steps: int = 20) -> None:
+    """A ReFL LoRA made with the pack's trainer (toyworld/reproduce.py's settings, few steps), used
+    until the reward-tuned LoRA is committed; written to ``path``."""
+    import dataclasses
+    import tempfile
+    from rewardtune.toyworld import reproduce as R
+    from rewardtune.toyworld import world as W
+    print(f"[demo] training a stand-in ReFL LoRA on the toy world ({steps} steps, once) …", flush=True)
     t0 = time.time()
-    entry = srv.wait(srv.queue(prompt), timeout=600)
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = R.Reproduction(W.load(folder), dataclasses.replace(R.REDUCED, steps=steps), log=lambda m: None,
+                             lora_dir=tmp)
+        rep.reward_scale, rep.reward_offset = REWARD_STANDARDISED["reward_scale"], REWARD_STANDARDISED["reward_offset"]
+        rep.train("ReFL", 0)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(os.path.join(tmp, "ReFL-seed0.safetensors"), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    print(f"[demo] stand-in LoRA trained in {time.time() - t0:.0f}s", flush=True)
+
+
+def template_prompts(info: dict, models: dict, server_dir: str, *, steps: int = STEPS, switch: int = SWITCH,
+                     only=None) -> dict:
+    """Every example workflow as an API prompt on the toy world, by EXAMPLES key (the demo's and
+    scripts/thumbnails.py's runs). Writes template 5's dataset (toy-world pictures with their
+    captions) into the server's input folder."""
+    from rewardtune.testing.workflow import (EXAMPLES, combined_example_prompt, load_example, train_example_prompt,
+                                             ui_to_api, write_toyworld_dataset)
+    ckpt, lora, reward = models["ckpt"], models["lora"], models["reward"]
+    text = {("Positive", "text"): CAPTION, ("Negative", "text"): ""}
+    ksampler = {("KSampler", "steps"): steps, ("KSampler", "cfg"): CFG, ("KSampler", "sampler_name"): SAMPLER,
+                ("KSampler", "scheduler"): SCHEDULER}
+    c = "RewardTuneCombinedKSampler"
+    combined = {(c, "steps"): steps, (c, "switch_unit.switch_step"): switch, (c, "cfg_base"): CFG,
+                (c, "cfg_tuned"): CFG, (c, "sampler_name"): SAMPLER, (c, "scheduler"): SCHEDULER}
+    latent = {("EmptyLatentImage", "width"): SIZE, ("EmptyLatentImage", "height"): SIZE}
+    reward_fp32 = {("RewardTuneLoadRewardModel", "reward_model"): reward, ("RewardTuneLoadRewardModel", "precision"): "fp32"}
+    t = "RewardTuneTrainLoRA"
+    schedule = {"num_steps": steps, "cfg": CFG, "imagerefl_start": switch, "imagerefl_tf_min": switch,
+                "imagerefl_tf_max": steps - 1, **REWARD_STANDARDISED}
+    builders = {
+        "combined": lambda: combined_example_prompt(info, ckpt, lora, steps=steps, switch=switch, size=SIZE, replace={
+            **text, **ksampler, **combined, ("EmptyLatentImage", "batch_size"): 4}),
+        "best_of_n": lambda: ui_to_api(load_example(EXAMPLES["best_of_n"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): ckpt, **reward_fp32, **latent, **ksampler,
+            ("PrimitiveStringMultiline", "value"): CAPTION, ("Negative", "text"): ""}),
+        "sweep": lambda: ui_to_api(load_example(EXAMPLES["sweep"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("LoraLoader", "lora_name"): lora, **reward_fp32,
+            ("RewardTuneQualityDiversitySweep", "prompts"): "\n".join(CAPTIONS),
+            ("RewardTuneQualityDiversitySweep", "negative"): "",
+            ("RewardTuneQualityDiversitySweep", "steps"): steps,
+            ("RewardTuneQualityDiversitySweep", "switch_steps"): ", ".join(str(k) for k in sorted({0, switch // 2, switch, (switch + steps) // 2, steps})),
+            ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 3,
+            ("RewardTuneQualityDiversitySweep", "cfg_base"): CFG, ("RewardTuneQualityDiversitySweep", "cfg_tuned"): CFG,
+            ("RewardTuneQualityDiversitySweep", "sampler_name"): SAMPLER,
+            ("RewardTuneQualityDiversitySweep", "scheduler"): SCHEDULER,
+            ("RewardTuneQualityDiversitySweep", "width"): SIZE, ("RewardTuneQualityDiversitySweep", "height"): SIZE}),
+        "diversity": lambda: ui_to_api(load_example(EXAMPLES["diversity"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): ckpt, **text, **latent, **ksampler}),
+        "train_imagerefl": lambda: train_example_prompt(
+            info, ckpt, reward, write_dataset(write_toyworld_dataset, server_dir), job_name="demo-imagerefl",
+            train_steps=8, size=SIZE, steps=steps, switch=switch, schedule=schedule,
+            replace={**text, **combined}),
+        "train_sqdf": lambda: ui_to_api(load_example(EXAMPLES["train_sqdf"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): ckpt, **reward_fp32, **text, **latent, **ksampler,
+            (t, "job_name"): "demo-sqdf", (t, "prompts"): "\n".join(CAPTIONS),
+            (t, "width"): SIZE, (t, "height"): SIZE, (t, "precision"): "fp32", (t, "gradient_checkpointing"): False,
+            (t, "config_json"): json.dumps({"num_steps": steps, "cfg": CFG, "steps": 4, "batch_size": 2, "rank": 8,
+                                            "sqdf_collect": 2, "sqdf_buffer": 8, "sqdf_window": 8,
+                                            **REWARD_STANDARDISED}),
+            ("EmptyLatentImage", "batch_size"): 2}),
+        "combined_sd35": lambda: ui_to_api(load_example(EXAMPLES["combined_sd35"]), info, {
+            ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("LoraLoader", "lora_name"): lora, **text, **ksampler,
+            **combined, ("EmptySD3LatentImage", "width"): SIZE, ("EmptySD3LatentImage", "height"): SIZE}),
+    }
+    return {key: build() for key, build in builders.items() if not only or key in only}
+
+
+DATASET = "rewardtune_demo_dataset"
+
+
+def write_dataset(writer, server_dir: str) -> str:
+    """Template 5's dataset folder (in the server's input directory) by ``writer``; its name."""
+    writer(os.path.join(server_dir, "input", DATASET))
+    return DATASET
+
+
+def run_prompt(srv, server_dir, name, prompt, out_dir) -> dict | None:
+    """Queue ``prompt`` (the example workflow ``name``), copy its images into ``out_dir``; its
+    /history entry, or None (printed) when it failed."""
+    t0 = time.time()
+    entry = srv.wait(srv.queue(prompt), timeout=900)
     if entry["status"].get("status_str") != "success":
         print(f"[demo] {name} failed: {json.dumps(entry['status'], indent=1)[:4000]}")
-        return 1
+        return None
     print(f"[demo] {name} ran in {time.time() - t0:.1f}s", flush=True)
     os.makedirs(out_dir, exist_ok=True)
     for node_out in entry["outputs"].values():
@@ -191,7 +251,7 @@ def run_prompt(srv, server_dir, name, prompt, out_dir) -> int:
             if text.lstrip().startswith(("[", "{")):
                 continue  # the JSON table (shown by Preview as Text); the node's own text says the same
             print("[demo] " + text.replace("\n", "\n[demo]   "))
-    return 0
+    return entry
 
 
 if __name__ == "__main__":

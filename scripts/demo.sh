@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 1: set up from nothing, then run the combined-generation demo headless.
+# README command 1: set up from nothing, then run the example workflows headless on the toy world.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"

@@ -1,16 +1,17 @@
-"""Make the Templates dialog's pictures: run every example workflow headless on the demo's tiny
-random-weight models (a real ComfyUI server, as scripts/demo.py does) and turn each run's output
-into ``example_workflows/<name>.jpg`` (256×256; the dialog fetches ``<name>.jpg`` next to the JSON).
+"""Make the Templates dialog's pictures: run every example workflow headless on the toy world
+(docs/toyworld.md: a tiny SD3-family model of coloured shapes with a learned reward; the same runs
+as scripts/demo.py, through a real ComfyUI server) and turn each run's output into
+``example_workflows/<name>.jpg`` (256×256; the dialog fetches ``<name>.jpg`` next to the JSON).
 
-The models are random, so the pictures are noise; the plots, curves, scores and layout of the
-outputs are real. Run it after changing a workflow:  .venv/bin/python scripts/thumbnails.py
+The pictures are the toy world's (64×64 shapes for toy-world captions such as "a red circle above
+a blue square"), the plots, curves and scores are its learned reward's. Run it after changing a
+workflow:  .venv/bin/python scripts/thumbnails.py
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,53 +27,16 @@ def main() -> int:
     args = ap.parse_args()
     sys.path.insert(0, HERE)
     import demo
-    runpy.run_path(os.path.join(ROOT, "testing", "pack_import.py"))["import_pack"]()  # the pack as ``rewardtune``
+    models = demo.toy_models()   # also imports the pack as ``rewardtune``
     from rewardtune.testing.comfy_host import ComfyServer
-    from rewardtune.testing.workflow import (EXAMPLES, combined_example_prompt, example_path, load_example,
-                                             train_example_prompt, ui_to_api, write_tiny_dataset)
+    from rewardtune.testing.workflow import EXAMPLES, example_path
 
-    models = demo.tiny_models()
     server_dir = os.path.join(ROOT, ".rt", "thumbnails")
     shutil.rmtree(server_dir, ignore_errors=True)
     os.makedirs(server_dir)
-    ckpt, lora, reward = models["ckpt"], models["lora"], models["reward"]
-    tiny_train = {"num_steps": 4, "refl_stop_min": 2, "refl_stop_max": 3, "cfg": 2.0}
     with ComfyServer(server_dir, models["yaml"]) as srv:
-        info = srv.get("/object_info")
-        write_tiny_dataset(os.path.join(server_dir, "input", "rewardtune_thumbs"))
-        t = "RewardTuneTrainLoRA"
-        prompts = {
-            "combined": combined_example_prompt(info, ckpt, lora, steps=4, switch=3, size=64),
-            "best_of_n": ui_to_api(load_example(EXAMPLES["best_of_n"]), info, {
-                ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("RewardTuneLoadRewardModel", "reward_model"): reward,
-                ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 4}),
-            "sweep": ui_to_api(load_example(EXAMPLES["sweep"]), info, {
-                ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("LoraLoader", "lora_name"): lora,
-                ("RewardTuneLoadRewardModel", "reward_model"): reward,
-                ("RewardTuneQualityDiversitySweep", "steps"): 4,
-                ("RewardTuneQualityDiversitySweep", "switch_steps"): "0, 2, 3, 4",
-                ("RewardTuneQualityDiversitySweep", "images_per_prompt"): 2,
-                ("RewardTuneQualityDiversitySweep", "width"): 64, ("RewardTuneQualityDiversitySweep", "height"): 64}),
-            "diversity": ui_to_api(load_example(EXAMPLES["diversity"]), info, {
-                ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("EmptyLatentImage", "width"): 64,
-                ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 4}),
-            "combined_sd35": ui_to_api(load_example(EXAMPLES["combined_sd35"]), info, {
-                ("CheckpointLoaderSimple", "ckpt_name"): models["sd35"], ("LoraLoader", "lora_name"): models["sd35_lora"],
-                ("EmptySD3LatentImage", "width"): 64, ("EmptySD3LatentImage", "height"): 64, ("KSampler", "steps"): 4,
-                ("RewardTuneCombinedKSampler", "steps"): 4, ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): 3}),
-            "train_imagerefl": train_example_prompt(info, ckpt, reward, "rewardtune_thumbs", job_name="thumb-imagerefl",
-                                                    train_steps=4, steps=4, switch=3),
-            "train_sqdf": ui_to_api(load_example(EXAMPLES["train_sqdf"]), info, {
-                ("CheckpointLoaderSimple", "ckpt_name"): ckpt, ("RewardTuneLoadRewardModel", "reward_model"): reward,
-                ("RewardTuneLoadRewardModel", "precision"): "fp32", (t, "job_name"): "thumb-sqdf",
-                (t, "width"): 64, (t, "height"): 64, (t, "precision"): "fp32", (t, "gradient_checkpointing"): False,
-                (t, "config_json"): json.dumps({**tiny_train, "steps": 4, "batch_size": 1, "rank": 4,
-                                                "sqdf_collect": 2, "sqdf_buffer": 4, "sqdf_window": 4}),
-                ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 4}),
-        }
+        prompts = demo.template_prompts(srv.get("/object_info"), models, server_dir, only=args.only)
         for key, prompt in prompts.items():
-            if args.only and key not in args.only:
-                continue
             entry = srv.wait(srv.queue(prompt), timeout=900)
             if entry["status"].get("status_str") != "success":
                 print(f"[thumbnails] {EXAMPLES[key]} failed: {json.dumps(entry['status'])[:3000]}")
@@ -120,7 +84,9 @@ def compose(key, images, texts):
     from PIL import Image, ImageDraw
     band = 28
     if key in ("combined", "combined_sd35"):   # Save Image nodes 12, 13, 14: base only, combined, tuned only
-        body, caption = grid([images[i][0] for i in ("12", "13", "14")], 3, 85), "base | combined | tuned"
+        seeds = min(2, len(images["12"]))       # a row per seed
+        body = grid([images[i][s] for s in range(seeds) for i in ("12", "13", "14")], 3, 85)
+        caption = "base | combined | tuned"
     elif key == "best_of_n":   # node 10: all candidates with their scores written on them
         body, caption = grid(images["10"], 2, 114), "4 candidates, scored"
     elif key == "sweep":   # node 6: the trade-off plot

@@ -144,7 +144,9 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
 
     ``replace_widgets`` maps ``(node type, input name)`` → value (a DynamicCombo's inputs by their
     full name, e.g. ``("RewardTuneCombinedKSampler", "switch_unit.switch_step")``); replaced values
-    are checked like the others. ``check_options=False`` skips the combo-membership check of the
+    are checked like the others. Where two nodes of one type must differ (a Positive and a Negative
+    CLIPTextEncode), a key may name the node by its title instead, ``("Negative", "text")``; a
+    title key wins over a type key. ``check_options=False`` skips the combo-membership check of the
     workflow's own values (model file names that only exist on the user's machine)."""
     replace_widgets = dict(replace_widgets or {})
     unused = set(replace_widgets)
@@ -155,6 +157,7 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
         if ntype in FRONTEND_ONLY_TYPES:
             continue
         where = f"node {node['id']} ({ntype})"
+        title = node.get("title")
         if node.get("mode", 0) != 0:
             raise WorkflowError(f"{where} is muted or bypassed; enable it or remove it first")
         if ntype not in object_info:
@@ -185,7 +188,8 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
                     inputs[name] = linked[name]
                 return
             value = take(name, spec)
-            replaced = (ntype, name) in replace_widgets
+            key = (title, name) if title and (title, name) in replace_widgets else (ntype, name)
+            replaced = key in replace_widgets
             check_value(f"{where} input {name!r}", spec, value, check_options=check_options and not replaced)
             for extra in control_widgets(name, spec):
                 v = take(f"{name} ({extra})", spec)
@@ -196,8 +200,8 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
                 if _kind(spec) == DYNAMIC_COMBO:
                     raise WorkflowError(f"{where}: {name!r} chooses which inputs follow it; edit the workflow "
                                         "instead of replacing it")
-                value = replace_widgets[(ntype, name)]
-                unused.discard((ntype, name))
+                value = replace_widgets[key]
+                unused.discard(key)
                 check_value(f"{where} input {name!r} (replaced)", spec, value, check_options=True)
             inputs[name] = linked.get(name, value)
             if _kind(spec) == DYNAMIC_COMBO:
@@ -218,40 +222,64 @@ def ui_to_api(workflow: dict, object_info: dict, replace_widgets: dict | None = 
 
 
 def combined_example_prompt(object_info: dict, ckpt_name: str, lora_name: str, *, steps: int, switch: int,
-                            size: int) -> dict:
-    """The shipped combined-generation workflow as an API prompt, with the given models and sizes."""
+                            size: int, replace: dict | None = None) -> dict:
+    """The shipped combined-generation workflow as an API prompt, with the given models and sizes
+    (``replace``: more ``ui_to_api`` replacements, e.g. the prompt, the sampler, the CFG)."""
     return ui_to_api(load_example(EXAMPLES["combined"]), object_info, {
         ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name, ("LoraLoader", "lora_name"): lora_name,
         ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size,
         ("KSampler", "steps"): steps, ("RewardTuneCombinedKSampler", "steps"): steps,
-        ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): switch,
+        ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): switch, **(replace or {}),
     })
 
+
+def write_captioned_dataset(folder: str, images, captions: list[str]) -> str:
+    """An ImageReFL dataset folder: ``sample<i>.png`` with a same-named ``.txt`` caption for each
+    (H, W, 3) picture (uint8, or float in [0, 1])."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for i, (img, caption) in enumerate(zip(images, captions)):
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            img = np.clip(np.rint(img.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"sample{i}.png"))
+        with open(os.path.join(folder, f"sample{i}.txt"), "w", encoding="utf-8") as f:
+            f.write(caption + "\n")
+    return folder
 
 
 def write_tiny_dataset(folder: str, n: int = 4, size: int = 96) -> str:
     """A small ImageReFL dataset: smooth random-colour images with same-named .txt captions."""
     import numpy as np
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    for i in range(n):
+    images = []
+    for _ in range(n):
         corners = rng.uniform(0, 255, (2, 2, 3))
         ys, xs = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
         img = (corners[0, 0] * ((1 - ys) * (1 - xs))[..., None] + corners[0, 1] * ((1 - ys) * xs)[..., None]
                + corners[1, 0] * (ys * (1 - xs))[..., None] + corners[1, 1] * (ys * xs)[..., None])
-        Image.fromarray(img.astype("uint8")).save(os.path.join(folder, f"sample{i}.png"))
-        with open(os.path.join(folder, f"sample{i}.txt"), "w", encoding="utf-8") as f:
-            f.write(f"a soft colour gradient, picture {i}\n")
-    return folder
+        images.append(img.astype("uint8"))
+    return write_captioned_dataset(folder, images, [f"a soft colour gradient, picture {i}" for i in range(n)])
+
+
+def write_toyworld_dataset(folder: str, n: int = 16, seed: int = 0) -> str:
+    """An ImageReFL dataset of the toy world's own pictures with their captions (docs/toyworld.md)."""
+    from ..toyworld import scenes as S
+    scenes = S.sample_scenes(seed, n)
+    return write_captioned_dataset(folder, S.render_batch(scenes), [s.caption for s in scenes])
 
 
 def train_example_prompt(object_info: dict, ckpt_name: str, reward_name: str, dataset: str, *, job_name: str,
-                         train_steps: int = 6, size: int = 64, steps: int = 10, switch: int = 7) -> dict:
+                         train_steps: int = 6, size: int = 64, steps: int = 10, switch: int = 7,
+                         schedule: dict | None = None, replace: dict | None = None) -> dict:
     """The shipped train-then-combine workflow as an API prompt, shrunk for tiny CPU models: a
-    10-step schedule (start index 6, t_f in 6–9, the paper's 30/40 scaled), fp32, batch 1."""
+    10-step schedule (start index 6, t_f in 6–9, the paper's 30/40 scaled), fp32, batch 1
+    (``schedule``: the training config's schedule instead; ``replace``: more ``ui_to_api``
+    replacements)."""
     workflow = load_example(EXAMPLES["train_imagerefl"])
-    schedule = {"num_steps": 10, "imagerefl_start": 6, "imagerefl_tf_min": 6, "imagerefl_tf_max": 9, "cfg": 2.0}
+    if schedule is None:
+        schedule = {"num_steps": 10, "imagerefl_start": 6, "imagerefl_tf_min": 6, "imagerefl_tf_max": 9, "cfg": 2.0}
     t = "RewardTuneTrainLoRA"
     return ui_to_api(workflow, object_info, {
         ("CheckpointLoaderSimple", "ckpt_name"): ckpt_name, ("RewardTuneLoadRewardModel", "reward_model"): reward_name,
@@ -262,7 +290,7 @@ def train_example_prompt(object_info: dict, ckpt_name: str, reward_name: str, da
         (t, "config_json"): json.dumps(schedule),
         ("EmptyLatentImage", "width"): size, ("EmptyLatentImage", "height"): size, ("EmptyLatentImage", "batch_size"): 2,
         ("RewardTuneCombinedKSampler", "steps"): steps,
-        ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): switch,
+        ("RewardTuneCombinedKSampler", "switch_unit.switch_step"): switch, **(replace or {}),
     })
 
 

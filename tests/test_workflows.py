@@ -135,6 +135,23 @@ def test_combined_inputs_are_nested_and_flat_prompts_are_refused(host, models_tr
         [("Required input is missing", "blend_power")]
 
 
+def test_a_title_key_replaces_one_node_of_a_type(info):
+    """Two CLIPTextEncode nodes (Positive, Negative) take different texts by their titles; a type
+    key reaches the nodes no title key names."""
+    wf = load_example(EXAMPLES["combined"])
+
+    def texts(replace):
+        prompt = ui_to_api(wf, info, replace, check_options=False)
+        return {p["_meta"]["title"]: p["inputs"]["text"] for p in prompt.values() if p["class_type"] == "CLIPTextEncode"}
+
+    assert texts({("Positive", "text"): "a red circle", ("Negative", "text"): ""}) == {"Positive": "a red circle",
+                                                                                       "Negative": ""}
+    assert texts({("CLIPTextEncode", "text"): "a red circle", ("Negative", "text"): ""}) == {
+        "Positive": "a red circle", "Negative": ""}
+    with pytest.raises(WorkflowError, match="does not have"):
+        texts({("Neutral", "text"): ""})
+
+
 # ------------------------------------------------------------------ the shipped examples
 @pytest.mark.slow
 @pytest.mark.parametrize("key", sorted(EXAMPLES))
